@@ -1,0 +1,20 @@
+//! The one registry model every Weft source feeds.
+//!
+//! What it does:
+//! - [`model`]: the shared schema (services, endpoints, routes, policies) that files, etcd and
+//!   Consul values and CRD specs all decode into, and the merged [`Registry`] the translator reads.
+//! - [`schema`]: decoding (YAML or JSON) and validation with errors that name origin, field path
+//!   and reason.
+//! - [`hub`]: merges the sources' events (`Init/InitApply/InitDone/Apply/Delete`) into one
+//!   registry, tracks readiness (every source's first full sync) and per-key errors.
+//!
+//! What it does not do: any I/O. Sources live in their own crates and push events here;
+//! translation to Envoy resources lives in `weft-translate`.
+
+pub mod hub;
+pub mod model;
+pub mod schema;
+
+pub use hub::{Hub, Object, ObjectKey, RegistrySnapshot, SourceEvent, SourceHandle, SourceStatus};
+pub use model::*;
+pub use schema::{SchemaError, SchemaErrors, parse_document};
