@@ -26,7 +26,10 @@ use crate::model::*;
 #[derive(Debug, Clone, PartialEq)]
 pub enum Object {
     /// A service's own attributes (protocol). Instances arrive separately.
-    Service { name: String, protocol: Protocol },
+    Service {
+        name: String,
+        protocol: Protocol,
+    },
     Instance {
         service: String,
         id: String,
@@ -394,10 +397,14 @@ fn merge(sources: &[SourceState]) -> Registry {
                     }
                 }
                 Object::Route(r) => {
-                    reg.routes.entry(r.name.clone()).or_insert_with(|| r.clone());
+                    reg.routes
+                        .entry(r.name.clone())
+                        .or_insert_with(|| r.clone());
                 }
                 Object::Policy(p) => {
-                    reg.policies.entry(p.name.clone()).or_insert_with(|| p.clone());
+                    reg.policies
+                        .entry(p.name.clone())
+                        .or_insert_with(|| p.clone());
                 }
             }
         }

@@ -33,7 +33,9 @@ pub struct ServiceSpec {
 }
 
 /// The application protocol a service speaks. Decides HTTP/2 upstreams in Envoy.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
     #[default]
@@ -42,7 +44,9 @@ pub enum Protocol {
 }
 
 /// Health of one endpoint as the registry knows it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+)]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
     #[default]
@@ -103,7 +107,11 @@ pub struct RouteRule {
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub backends: Vec<Backend>,
     /// Whole-request timeout, e.g. `2s`. Absent: Envoy's default (15s), no deadline for gRPC.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetryPolicy>,
@@ -159,7 +167,11 @@ pub struct Backend {
 pub struct RetryPolicy {
     /// Retries after the first attempt, 1..=10.
     pub attempts: u32,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub per_try_timeout: Option<Duration>,
     /// Envoy `retry_on` conditions (`5xx`, `connect-failure`, `reset`, `retriable-4xx`,
     /// `gateway-error`, `refused-stream`, `unavailable`, `cancelled`, `deadline-exceeded`,
@@ -204,7 +216,11 @@ pub struct HashPolicy {
 pub struct CookieHash {
     pub name: String,
     /// When set, Envoy generates the cookie with this TTL if the request lacks it.
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub ttl: Option<Duration>,
 }
 
@@ -217,7 +233,11 @@ pub struct Policy {
     pub service: String,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub lb: Option<LbAlgorithm>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub connect_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakers>,
@@ -261,9 +281,17 @@ pub struct OutlierDetection {
     pub consecutive_5xx: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub consecutive_gateway_failure: Option<u32>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub base_ejection_time: Option<Duration>,
     /// 0..=100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -277,9 +305,17 @@ pub struct HealthCheck {
     /// HTTP path to GET. Absent: gRPC health v1 for gRPC services, a TCP connect otherwise.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub path: Option<String>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub interval: Option<Duration>,
-    #[serde(default, with = "humantime_serde", skip_serializing_if = "Option::is_none")]
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_threshold: Option<u32>,

@@ -65,14 +65,27 @@ pub fn decode<T: DeserializeOwned>(origin: &str, text: &str) -> Result<T, Schema
         return Err(one(
             origin,
             ".",
-            format!("value is {} bytes, more than the limit of {MAX_VALUE_BYTES}", text.len()),
+            format!(
+                "value is {} bytes, more than the limit of {MAX_VALUE_BYTES}",
+                text.len()
+            ),
         ));
     }
     let de = serde_yaml_ng::Deserializer::from_str(text);
     serde_path_to_error::deserialize(de).map_err(|e| {
         let path = e.path().to_string();
-        let path = if path.is_empty() { ".".to_string() } else { path };
-        one(origin, &path, e.into_inner().to_string())
+        let path = if path.is_empty() {
+            ".".to_string()
+        } else {
+            path
+        };
+        let msg = e.into_inner().to_string();
+        // serde_yaml_ng already prefixes some messages with the path; say it once.
+        let msg = msg
+            .strip_prefix(&format!("{path}: "))
+            .map(str::to_string)
+            .unwrap_or(msg);
+        one(origin, &path, msg)
     })
 }
 
@@ -108,7 +121,10 @@ pub fn validate_document(origin: &str, doc: &RegistryDoc) -> Vec<SchemaError> {
         let p = format!("services[{i}]");
         v.name(&format!("{p}.name"), &s.name);
         if !names.insert(s.name.as_str()) {
-            v.err(&format!("{p}.name"), format!("duplicate service `{}`", s.name));
+            v.err(
+                &format!("{p}.name"),
+                format!("duplicate service `{}`", s.name),
+            );
         }
         let mut seen = BTreeSet::new();
         for (j, ep) in s.endpoints.iter().enumerate() {
@@ -117,7 +133,10 @@ pub fn validate_document(origin: &str, doc: &RegistryDoc) -> Vec<SchemaError> {
             if !seen.insert((ep.address.as_str(), ep.port)) {
                 v.err(
                     &ep_path,
-                    format!("duplicate endpoint {}:{} in service `{}`", ep.address, ep.port, s.name),
+                    format!(
+                        "duplicate endpoint {}:{} in service `{}`",
+                        ep.address, ep.port, s.name
+                    ),
                 );
             }
         }
@@ -127,7 +146,10 @@ pub fn validate_document(origin: &str, doc: &RegistryDoc) -> Vec<SchemaError> {
         let p = format!("routes[{i}]");
         v.route(&p, r);
         if !route_names.insert(r.name.as_str()) {
-            v.err(&format!("{p}.name"), format!("duplicate route `{}`", r.name));
+            v.err(
+                &format!("{p}.name"),
+                format!("duplicate route `{}`", r.name),
+            );
         }
     }
     let mut policy_names = BTreeSet::new();
@@ -136,12 +158,18 @@ pub fn validate_document(origin: &str, doc: &RegistryDoc) -> Vec<SchemaError> {
         let p = format!("policies[{i}]");
         v.policy(&p, pol);
         if !policy_names.insert(pol.name.as_str()) {
-            v.err(&format!("{p}.name"), format!("duplicate policy `{}`", pol.name));
+            v.err(
+                &format!("{p}.name"),
+                format!("duplicate policy `{}`", pol.name),
+            );
         }
         if !targets.insert(pol.service.as_str()) {
             v.err(
                 &format!("{p}.service"),
-                format!("service `{}` already has a policy in this document", pol.service),
+                format!(
+                    "service `{}` already has a policy in this document",
+                    pol.service
+                ),
             );
         }
     }
@@ -223,7 +251,10 @@ impl<'a> Validator<'a> {
             );
         }
         if ep.port == 0 {
-            self.err(&join(p, "port"), "port 0 is not a valid port (use 1-65535)".into());
+            self.err(
+                &join(p, "port"),
+                "port 0 is not a valid port (use 1-65535)".into(),
+            );
         }
         self.weight(&join(p, "weight"), ep.weight);
         if ep.zone.as_deref() == Some("") {
@@ -236,7 +267,10 @@ impl<'a> Validator<'a> {
         self.name(&join(p, "service"), &r.service);
         for (i, h) in r.hosts.iter().enumerate() {
             if h.is_empty() || h.contains(char::is_whitespace) {
-                self.err(&join(p, &format!("hosts[{i}]")), format!("invalid host `{h}`"));
+                self.err(
+                    &join(p, &format!("hosts[{i}]")),
+                    format!("invalid host `{h}`"),
+                );
             }
         }
         if r.rules.is_empty() {
@@ -261,7 +295,10 @@ impl<'a> Validator<'a> {
                 "set at most one of path_prefix, path_exact, path_regex".into(),
             );
         }
-        for (field, val) in [("path_prefix", &m.path_prefix), ("path_exact", &m.path_exact)] {
+        for (field, val) in [
+            ("path_prefix", &m.path_prefix),
+            ("path_exact", &m.path_exact),
+        ] {
             if let Some(v) = val
                 && !v.starts_with('/')
             {
@@ -309,7 +346,10 @@ impl<'a> Validator<'a> {
             self.weight(&join(&bp, "weight"), b.weight);
         }
         if rule.timeout.is_some_and(|t| t.is_zero()) {
-            self.err(&join(rp, "timeout"), "timeout must be greater than 0".into());
+            self.err(
+                &join(rp, "timeout"),
+                "timeout must be greater than 0".into(),
+            );
         }
         if let Some(rt) = &rule.retries {
             let p = join(rp, "retries");
@@ -320,7 +360,10 @@ impl<'a> Validator<'a> {
                 );
             }
             if rt.per_try_timeout.is_some_and(|t| t.is_zero()) {
-                self.err(&join(&p, "per_try_timeout"), "must be greater than 0".into());
+                self.err(
+                    &join(&p, "per_try_timeout"),
+                    "must be greater than 0".into(),
+                );
             }
             for (i, on) in rt.on.iter().enumerate() {
                 if !RETRY_ON.contains(&on.as_str()) {
@@ -333,12 +376,19 @@ impl<'a> Validator<'a> {
         }
         for (i, h) in rule.hash_policy.iter().enumerate() {
             let hp = join(rp, &format!("hash_policy[{i}]"));
-            let set = [h.header.is_some(), h.cookie.is_some(), h.source_ip == Some(true)]
-                .iter()
-                .filter(|b| **b)
-                .count();
+            let set = [
+                h.header.is_some(),
+                h.cookie.is_some(),
+                h.source_ip == Some(true),
+            ]
+            .iter()
+            .filter(|b| **b)
+            .count();
             if set != 1 {
-                self.err(&hp, "set exactly one of header, cookie, source_ip: true".into());
+                self.err(
+                    &hp,
+                    "set exactly one of header, cookie, source_ip: true".into(),
+                );
             }
             if h.header.as_deref() == Some("") {
                 self.err(&join(&hp, "header"), "header name is empty".into());
@@ -367,7 +417,10 @@ impl<'a> Validator<'a> {
                 self.err(&join(&op, "interval"), "must be greater than 0".into());
             }
             if od.base_ejection_time.is_some_and(|t| t.is_zero()) {
-                self.err(&join(&op, "base_ejection_time"), "must be greater than 0".into());
+                self.err(
+                    &join(&op, "base_ejection_time"),
+                    "must be greater than 0".into(),
+                );
             }
         }
         if let Some(hc) = &pol.health_check {
@@ -468,6 +521,7 @@ policies:
         let e = errs("services: [{name: a, endpoints: [{address: 127.0.0.1, port: 70000}]}]");
         assert!(e.contains("services[0].endpoints[0].port"), "{e}");
         assert!(e.contains("70000"), "{e}");
+        assert_eq!(e.matches("services[0].endpoints[0].port").count(), 1, "{e}");
     }
 
     #[test]
@@ -478,7 +532,8 @@ policies:
 
     #[test]
     fn negative_and_huge_weights_are_rejected() {
-        let e = errs("services: [{name: a, endpoints: [{address: 127.0.0.1, port: 1, weight: -1}]}]");
+        let e =
+            errs("services: [{name: a, endpoints: [{address: 127.0.0.1, port: 1, weight: -1}]}]");
         assert!(e.contains("services[0].endpoints[0].weight"), "{e}");
         let e = errs(
             "services: [{name: a, endpoints: [{address: 127.0.0.1, port: 1, weight: 100001}]}]",
@@ -497,7 +552,10 @@ policies:
         let e = errs(
             "services: [{name: a, endpoints: [{address: 127.0.0.1, port: 1}, {address: 127.0.0.1, port: 1}]}]",
         );
-        assert!(e.contains("services[0].endpoints[1]: duplicate endpoint 127.0.0.1:1"), "{e}");
+        assert!(
+            e.contains("services[0].endpoints[1]: duplicate endpoint 127.0.0.1:1"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -510,7 +568,8 @@ policies:
 
     #[test]
     fn unknown_field_is_rejected() {
-        let e = errs("services: [{name: a, endpoints: [{address: 127.0.0.1, port: 1, wieght: 3}]}]");
+        let e =
+            errs("services: [{name: a, endpoints: [{address: 127.0.0.1, port: 1, wieght: 3}]}]");
         assert!(e.contains("services[0].endpoints[0]"), "{e}");
         assert!(e.contains("unknown field `wieght`"), "{e}");
     }
@@ -552,9 +611,17 @@ policies:
         let e = parse_endpoint("/weft/services/a/i1", r#"{"address":"10.0.0.1","port":0}"#)
             .unwrap_err()
             .to_string();
-        assert_eq!(e, "/weft/services/a/i1: port: port 0 is not a valid port (use 1-65535)");
+        assert_eq!(
+            e,
+            "/weft/services/a/i1: port: port 0 is not a valid port (use 1-65535)"
+        );
         let big = "x".repeat(MAX_VALUE_BYTES + 1);
-        assert!(parse_endpoint("k", &big).unwrap_err().to_string().contains("limit"));
+        assert!(
+            parse_endpoint("k", &big)
+                .unwrap_err()
+                .to_string()
+                .contains("limit")
+        );
     }
 
     #[test]
