@@ -1,1 +1,215 @@
+//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/debug/*`.
+//!
+//! What it does: serves liveness, readiness, Prometheus text and JSON debug documents over
+//! HTTP/1.1 (hyper 1).
+//!
+//! What it does not do: know what it reports. Readiness and every debug document are closures
+//! the binary hands in, so this crate depends on no other Weft crate and any component can
+//! expose a page without the admin server learning about it.
 
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::future::Future;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use http::{Method, Request, Response, StatusCode, header};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use hyper::service::service_fn;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use tokio::net::TcpListener;
+
+/// Produces one debug document on demand.
+pub type DebugFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+
+/// What the admin server reports. Build it once at startup.
+#[derive(Clone)]
+pub struct Admin {
+    ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    metrics: Arc<prometheus_client::registry::Registry>,
+    debug: BTreeMap<String, DebugFn>,
+}
+
+impl std::fmt::Debug for Admin {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Admin")
+            .field("debug", &self.debug.keys().collect::<Vec<_>>())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Admin {
+    pub fn new(
+        ready: impl Fn() -> bool + Send + Sync + 'static,
+        metrics: prometheus_client::registry::Registry,
+    ) -> Self {
+        Self {
+            ready: Arc::new(ready),
+            metrics: Arc::new(metrics),
+            debug: BTreeMap::new(),
+        }
+    }
+
+    /// Serves `f()` as JSON at `/debug/<name>`.
+    pub fn debug(
+        mut self,
+        name: &str,
+        f: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.debug.insert(name.to_string(), Arc::new(f));
+        self
+    }
+
+    fn handle(&self, req: &Request<Incoming>) -> Response<Full<Bytes>> {
+        if req.method() != Method::GET && req.method() != Method::HEAD {
+            return text(
+                StatusCode::METHOD_NOT_ALLOWED,
+                "only GET is served\n".into(),
+            );
+        }
+        match req.uri().path() {
+            "/healthz" => text(StatusCode::OK, "ok\n".into()),
+            "/readyz" => {
+                if (self.ready)() {
+                    text(StatusCode::OK, "ready\n".into())
+                } else {
+                    text(
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        "not ready: waiting for the first full sync of every source (see /debug/sources)\n"
+                            .into(),
+                    )
+                }
+            }
+            "/metrics" => {
+                let mut out = String::new();
+                match prometheus_client::encoding::text::encode(&mut out, &self.metrics) {
+                    Ok(()) => {
+                        let mut r = text(StatusCode::OK, out);
+                        r.headers_mut().insert(
+                            header::CONTENT_TYPE,
+                            header::HeaderValue::from_static(
+                                "application/openmetrics-text; version=1.0.0; charset=utf-8",
+                            ),
+                        );
+                        r
+                    }
+                    Err(e) => text(
+                        StatusCode::INTERNAL_SERVER_ERROR,
+                        format!("encoding metrics: {e}\n"),
+                    ),
+                }
+            }
+            "/" | "/debug" | "/debug/" => {
+                let mut out = String::from("weft admin\n\n/healthz\n/readyz\n/metrics\n");
+                for name in self.debug.keys() {
+                    out.push_str(&format!("/debug/{name}\n"));
+                }
+                text(StatusCode::OK, out)
+            }
+            path => match path.strip_prefix("/debug/").and_then(|n| self.debug.get(n)) {
+                Some(f) => {
+                    let body = serde_json::to_string_pretty(&f()).unwrap_or_else(|e| {
+                        format!("{{\"error\": \"encoding debug document: {e}\"}}")
+                    });
+                    let mut r = text(StatusCode::OK, body);
+                    r.headers_mut().insert(
+                        header::CONTENT_TYPE,
+                        header::HeaderValue::from_static("application/json"),
+                    );
+                    r
+                }
+                None => text(
+                    StatusCode::NOT_FOUND,
+                    format!("no admin page at {path}; see /\n"),
+                ),
+            },
+        }
+    }
+}
+
+fn text(status: StatusCode, body: String) -> Response<Full<Bytes>> {
+    let mut r = Response::new(Full::new(Bytes::from(body)));
+    *r.status_mut() = status;
+    r
+}
+
+/// Serves until `shutdown` resolves. Connections are independent: a bad one never affects
+/// another or the listener.
+pub async fn serve(listener: TcpListener, admin: Admin, shutdown: impl Future<Output = ()>) {
+    let admin = Arc::new(admin);
+    tokio::pin!(shutdown);
+    loop {
+        let accepted = tokio::select! {
+            () = &mut shutdown => return,
+            a = listener.accept() => a,
+        };
+        let (stream, _) = match accepted {
+            Ok(s) => s,
+            Err(e) => {
+                // Typically EMFILE: back off briefly instead of spinning.
+                tracing::warn!(error = %e, "admin accept failed");
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                continue;
+            }
+        };
+        let admin = Arc::clone(&admin);
+        tokio::spawn(async move {
+            let svc = service_fn(move |req: Request<Incoming>| {
+                let resp = admin.handle(&req);
+                async move { Ok::<_, Infallible>(resp) }
+            });
+            let builder = hyper_util::server::conn::auto::Builder::new(TokioExecutor::new());
+            if let Err(e) = builder.serve_connection(TokioIo::new(stream), svc).await {
+                tracing::debug!(error = %e, "admin connection ended");
+            }
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    async fn get(addr: std::net::SocketAddr, path: &str) -> String {
+        let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+        s.write_all(
+            format!("GET {path} HTTP/1.1\r\nhost: x\r\nconnection: close\r\n\r\n").as_bytes(),
+        )
+        .await
+        .unwrap();
+        let mut out = String::new();
+        s.read_to_string(&mut out).await.unwrap();
+        out
+    }
+
+    #[tokio::test]
+    async fn serves_health_readiness_metrics_and_debug() {
+        let ready = Arc::new(AtomicBool::new(false));
+        let r2 = Arc::clone(&ready);
+        let mut reg = prometheus_client::registry::Registry::default();
+        let c: prometheus_client::metrics::counter::Counter = Default::default();
+        c.inc();
+        reg.register("weft_test", "a test counter", c);
+        let admin = Admin::new(move || r2.load(Ordering::SeqCst), reg)
+            .debug("sources", || serde_json::json!({"sources": ["file"]}));
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = tokio::spawn(serve(l, admin, async {
+            let _ = rx.await;
+        }));
+        assert!(get(addr, "/healthz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 503"));
+        ready.store(true, Ordering::SeqCst);
+        assert!(get(addr, "/readyz").await.starts_with("HTTP/1.1 200"));
+        assert!(get(addr, "/metrics").await.contains("weft_test_total 1"));
+        let d = get(addr, "/debug/sources").await;
+        assert!(d.contains("\"file\""), "{d}");
+        assert!(get(addr, "/debug/nope").await.starts_with("HTTP/1.1 404"));
+        let _ = tx.send(());
+        h.await.unwrap();
+    }
+}

@@ -1,1 +1,22 @@
+//! The xDS server: ADS and the per-type CDS/EDS/LDS/RDS services, each in SotW and Delta.
+//!
+//! What it does:
+//! - [`state`]: the protocol rules (nonces, ACK/NACK, wildcard, subscriptions, Delta removals,
+//!   `initial_resource_versions`, push order) as a pure state machine per stream.
+//! - [`stream`](crate::stream): one task per stream, feeding requests and cache changes to it.
+//! - [`codec`]: responses written from the cache's pre-encoded bytes (encode once per change,
+//!   not once per stream).
+//! - [`XdsServer`]: the tonic services, `/debug/clients` data, metrics, and drain on shutdown.
+//!
+//! What it does not do: translation or knowing where config came from. It serves whatever is
+//! in the [`weft_xds_cache::Cache`], choosing a flavour per client with the classifier it is
+//! given.
 
+pub mod codec;
+pub mod metrics;
+mod server;
+pub mod state;
+mod stream;
+
+pub use server::{Ads, Cds, Classifier, ClientStatus, Eds, Kind, Lds, Rds, XdsServer, XdsService};
+pub use state::{CLUSTER, ENDPOINT, LISTENER, ORDER, ROUTE, Variant};

@@ -1,0 +1,360 @@
+//! The gRPC services (ADS and per-type CDS/EDS/LDS/RDS) over one shared [`Inner`].
+
+use std::collections::BTreeMap;
+use std::convert::Infallible;
+use std::marker::PhantomData;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use envoy_types::pb::envoy::config::core::v3::Node;
+use serde::Serialize;
+use tokio::sync::{mpsc, watch};
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
+use tonic::server::NamedService;
+use tonic::{Status, Streaming};
+use weft_xds_cache::Cache;
+
+use crate::metrics::XdsMetrics;
+use crate::state::{CLUSTER, ENDPOINT, LISTENER, ROUTE, StreamState, TypeStatus, Variant};
+use crate::stream::{Delta, Flow, Sotw, run};
+
+/// Decides a client's flavour (which cache view it gets) from its node.
+pub type Classifier = Arc<dyn Fn(Option<&Node>) -> String + Send + Sync>;
+
+pub(crate) struct Inner {
+    pub(crate) cache: Arc<Cache>,
+    pub(crate) classify: Classifier,
+    pub(crate) metrics: XdsMetrics,
+    pub(crate) drain: watch::Receiver<bool>,
+    clients: Mutex<BTreeMap<u64, ClientEntry>>,
+    next_id: AtomicU64,
+}
+
+pub(crate) struct ClientEntry {
+    node_id: String,
+    cluster: String,
+    user_agent: String,
+    flavor: String,
+    variant: Variant,
+    service: &'static str,
+    connected_unix_ms: u64,
+    state: Arc<Mutex<StreamState>>,
+}
+
+impl ClientEntry {
+    pub(crate) fn new(
+        node: &Node,
+        flavor: &str,
+        variant: Variant,
+        service: &'static str,
+        state: Arc<Mutex<StreamState>>,
+    ) -> Self {
+        Self {
+            node_id: node.id.clone(),
+            cluster: node.cluster.clone(),
+            user_agent: node.user_agent_name.clone(),
+            flavor: flavor.to_string(),
+            variant,
+            service,
+            connected_unix_ms: unix_ms(),
+            state,
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
+}
+
+/// Removes a stream from the client list when the stream ends.
+pub(crate) struct ClientGuard {
+    inner: Arc<Inner>,
+    id: u64,
+}
+
+impl Drop for ClientGuard {
+    fn drop(&mut self) {
+        self.inner.clients_lock().remove(&self.id);
+    }
+}
+
+impl Inner {
+    fn clients_lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<u64, ClientEntry>> {
+        self.clients.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub(crate) fn register_client(self: &Arc<Self>, entry: ClientEntry) -> ClientGuard {
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        self.clients_lock().insert(id, entry);
+        ClientGuard {
+            inner: Arc::clone(self),
+            id,
+        }
+    }
+}
+
+/// One connected stream as `/debug/clients` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ClientStatus {
+    pub stream_id: u64,
+    pub node_id: String,
+    pub cluster: String,
+    pub user_agent: String,
+    pub flavor: String,
+    pub variant: Variant,
+    pub service: &'static str,
+    pub connected_unix_ms: u64,
+    pub types: BTreeMap<String, TypeStatus>,
+}
+
+/// The xDS server. Cheap to clone.
+#[derive(Clone)]
+pub struct XdsServer {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for XdsServer {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("XdsServer").finish_non_exhaustive()
+    }
+}
+
+impl XdsServer {
+    /// `drain`: when it becomes true, every stream ends with UNAVAILABLE so the gRPC server can
+    /// stop (an open stream would otherwise keep it up forever, tonic #1820).
+    pub fn new(
+        cache: Arc<Cache>,
+        classify: impl Fn(Option<&Node>) -> String + Send + Sync + 'static,
+        drain: watch::Receiver<bool>,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                cache,
+                classify: Arc::new(classify),
+                metrics: XdsMetrics::default(),
+                drain,
+                clients: Mutex::new(BTreeMap::new()),
+                next_id: AtomicU64::new(0),
+            }),
+        }
+    }
+
+    pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
+        self.inner.metrics.register(reg);
+    }
+
+    /// Every connected stream with its per-type protocol state.
+    pub fn clients(&self) -> Vec<ClientStatus> {
+        self.inner
+            .clients_lock()
+            .iter()
+            .map(|(id, e)| ClientStatus {
+                stream_id: *id,
+                node_id: e.node_id.clone(),
+                cluster: e.cluster.clone(),
+                user_agent: e.user_agent.clone(),
+                flavor: e.flavor.clone(),
+                variant: e.variant,
+                service: e.service,
+                connected_unix_ms: e.connected_unix_ms,
+                types: e.state.lock().unwrap_or_else(|p| p.into_inner()).status(),
+            })
+            .collect()
+    }
+
+    pub fn ads(&self) -> XdsService<Ads> {
+        self.service()
+    }
+    pub fn cds(&self) -> XdsService<Cds> {
+        self.service()
+    }
+    pub fn eds(&self) -> XdsService<Eds> {
+        self.service()
+    }
+    pub fn lds(&self) -> XdsService<Lds> {
+        self.service()
+    }
+    pub fn rds(&self) -> XdsService<Rds> {
+        self.service()
+    }
+
+    fn service<K: Kind>(&self) -> XdsService<K> {
+        XdsService {
+            inner: Arc::clone(&self.inner),
+            _kind: PhantomData,
+        }
+    }
+
+    /// All five services, ready for `tonic::transport::Server::builder().add_routes(..)`.
+    pub fn routes(&self) -> tonic::service::Routes {
+        tonic::service::Routes::new(self.ads())
+            .add_service(self.cds())
+            .add_service(self.eds())
+            .add_service(self.lds())
+            .add_service(self.rds())
+    }
+}
+
+/// Which gRPC service a [`XdsService`] is.
+pub trait Kind: Send + Sync + 'static {
+    const NAME: &'static str;
+    const SOTW: &'static str;
+    const DELTA: &'static str;
+    /// Per-type services accept only their type; ADS accepts every type.
+    const ONLY_TYPE: Option<&'static str>;
+    const LABEL: &'static str;
+}
+
+macro_rules! kind {
+    ($t:ident, $name:literal, $sotw:literal, $delta:literal, $only:expr, $label:literal) => {
+        #[derive(Debug, Clone, Copy)]
+        pub struct $t;
+        impl Kind for $t {
+            const NAME: &'static str = $name;
+            const SOTW: &'static str = $sotw;
+            const DELTA: &'static str = $delta;
+            const ONLY_TYPE: Option<&'static str> = $only;
+            const LABEL: &'static str = $label;
+        }
+    };
+}
+
+kind!(
+    Ads,
+    "envoy.service.discovery.v3.AggregatedDiscoveryService",
+    "StreamAggregatedResources",
+    "DeltaAggregatedResources",
+    None,
+    "ads"
+);
+kind!(
+    Cds,
+    "envoy.service.cluster.v3.ClusterDiscoveryService",
+    "StreamClusters",
+    "DeltaClusters",
+    Some(CLUSTER),
+    "cds"
+);
+kind!(
+    Eds,
+    "envoy.service.endpoint.v3.EndpointDiscoveryService",
+    "StreamEndpoints",
+    "DeltaEndpoints",
+    Some(ENDPOINT),
+    "eds"
+);
+kind!(
+    Lds,
+    "envoy.service.listener.v3.ListenerDiscoveryService",
+    "StreamListeners",
+    "DeltaListeners",
+    Some(LISTENER),
+    "lds"
+);
+kind!(
+    Rds,
+    "envoy.service.route.v3.RouteDiscoveryService",
+    "StreamRoutes",
+    "DeltaRoutes",
+    Some(ROUTE),
+    "rds"
+);
+
+/// One xDS gRPC service, written by hand rather than generated so that SotW and Delta on all
+/// five services share one stream loop and send the cache's pre-encoded bytes.
+pub struct XdsService<K> {
+    inner: Arc<Inner>,
+    _kind: PhantomData<K>,
+}
+
+impl<K> Clone for XdsService<K> {
+    fn clone(&self) -> Self {
+        Self {
+            inner: Arc::clone(&self.inner),
+            _kind: PhantomData,
+        }
+    }
+}
+
+impl<K: Kind> NamedService for XdsService<K> {
+    const NAME: &'static str = K::NAME;
+}
+
+impl<K: Kind, B> Service<http::Request<B>> for XdsService<K>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    type Response = http::Response<tonic::body::Body>;
+    type Error = Infallible;
+    type Future = BoxFuture<Self::Response, Self::Error>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, req: http::Request<B>) -> Self::Future {
+        let method = req.uri().path().rsplit('/').next().unwrap_or("");
+        let inner = Arc::clone(&self.inner);
+        if method == K::SOTW {
+            Box::pin(async move {
+                let codec = tonic_prost::ProstCodec::<crate::codec::SotwResponse, _>::default();
+                let svc = StreamSvc::<Sotw, K>::new(inner);
+                Ok(tonic::server::Grpc::new(codec).streaming(svc, req).await)
+            })
+        } else if method == K::DELTA {
+            Box::pin(async move {
+                let codec = tonic_prost::ProstCodec::<crate::codec::DeltaResponse, _>::default();
+                let svc = StreamSvc::<Delta, K>::new(inner);
+                Ok(tonic::server::Grpc::new(codec).streaming(svc, req).await)
+            })
+        } else {
+            let status = Status::unimplemented(format!(
+                "method `{}` is not served; use {} or {}",
+                req.uri().path(),
+                K::SOTW,
+                K::DELTA
+            ));
+            Box::pin(async move { Ok(status.into_http()) })
+        }
+    }
+}
+
+struct StreamSvc<F, K> {
+    inner: Arc<Inner>,
+    _p: PhantomData<(F, K)>,
+}
+
+impl<F, K> StreamSvc<F, K> {
+    fn new(inner: Arc<Inner>) -> Self {
+        Self {
+            inner,
+            _p: PhantomData,
+        }
+    }
+}
+
+impl<F: Flow, K: Kind> tonic::server::StreamingService<F::Req> for StreamSvc<F, K> {
+    type Response = F::Resp;
+    type ResponseStream = ReceiverStream<Result<F::Resp, Status>>;
+    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
+
+    fn call(&mut self, request: tonic::Request<Streaming<F::Req>>) -> Self::Future {
+        // Small: at most one un-ACKed response per type is ever queued (four types), so a slow
+        // client back-pressures its own task and nothing else.
+        let (tx, rx) = mpsc::channel(8);
+        tokio::spawn(run::<F>(
+            Arc::clone(&self.inner),
+            K::LABEL,
+            K::ONLY_TYPE,
+            request.into_inner(),
+            tx,
+        ));
+        Box::pin(async move { Ok(tonic::Response::new(ReceiverStream::new(rx))) })
+    }
+}
