@@ -1,1 +1,276 @@
-fn main() {}
+//! `weft-control-plane`: parses flags, wires sources -> hub -> translator -> cache -> xDS
+//! server and admin, waits for a signal and drains under a grace timeout. No logic lives
+//! here that a library crate could own.
+
+mod config;
+mod pipeline;
+
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::Instant;
+
+use anyhow::Context;
+use clap::Parser;
+use tokio::sync::watch;
+use weft_registry::Hub;
+use weft_translate::{self as translate, Flavor};
+use weft_xds_cache::Cache;
+use weft_xds_server::XdsServer;
+
+use crate::config::Config;
+
+/// BSD EX_USAGE / EX_CONFIG family: the configuration given to us is wrong.
+const EXIT_BAD_CONFIG: u8 = 64;
+
+fn main() -> ExitCode {
+    let cfg = Config::parse();
+    init_tracing(&cfg.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("weft-control-plane: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    match rt.block_on(run(cfg)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(Failure::BadConfig(msg)) => {
+            eprintln!("weft-control-plane: invalid configuration:\n{msg}");
+            ExitCode::from(EXIT_BAD_CONFIG)
+        }
+        Err(Failure::Other(e)) => {
+            eprintln!("weft-control-plane: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+enum Failure {
+    BadConfig(String),
+    Other(anyhow::Error),
+}
+
+impl From<anyhow::Error> for Failure {
+    fn from(e: anyhow::Error) -> Self {
+        Failure::Other(e)
+    }
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}
+
+async fn run(cfg: Config) -> Result<(), Failure> {
+    let hub = Hub::new();
+    let mut metrics = prometheus_client::registry::Registry::default();
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+
+    // Sources, in precedence order (see docs/registry-schema.md, "Merging").
+    let file_source = if cfg.registry_files.is_empty() {
+        None
+    } else {
+        let handle = hub.add_source("file");
+        let fs = weft_source_file::FileSource::load(cfg.registry_files.clone(), handle)
+            .map_err(|e| Failure::BadConfig(e.to_string()))?;
+        fs.register_metrics(&mut metrics);
+        Some(fs)
+    };
+    let embedded = weft_registration::EmbeddedRegistry::new(
+        hub.add_source("registration"),
+        weft_registration::RegistrationOptions {
+            default_ttl: cfg.registration_default_ttl,
+            ..Default::default()
+        },
+    );
+    embedded.register_metrics(&mut metrics);
+
+    // Build the first config before serving anything, so no client is ever sent an empty or
+    // partial view of a registry that is in fact populated.
+    let types = [
+        translate::CLUSTER_TYPE,
+        translate::ENDPOINT_TYPE,
+        translate::LISTENER_TYPE,
+        translate::ROUTE_TYPE,
+    ];
+    let flavors: Vec<&str> = Flavor::ALL.iter().map(|f| f.as_str()).collect();
+    let cache = Cache::new(&flavors, &types);
+    let opts = translate::Options {
+        http_listener_address: cfg.envoy_http_address.clone(),
+        http_listener_port: cfg.envoy_http_port,
+    };
+    let registry_rx = hub.subscribe();
+    let initial = hub.current();
+    pipeline::apply(&cache, &opts, None, &initial.registry, Instant::now());
+
+    let xds = XdsServer::new(
+        Arc::clone(&cache),
+        |node| Flavor::classify(node).as_str().to_string(),
+        shutdown_rx.clone(),
+    );
+    xds.register_metrics(&mut metrics);
+
+    let admin = {
+        let hub_ready = Arc::clone(&hub);
+        let hub_sources = Arc::clone(&hub);
+        let xds = xds.clone();
+        let cache = Arc::clone(&cache);
+        let embedded = embedded.clone();
+        weft_admin::Admin::new(move || hub_ready.is_ready(), metrics)
+            .debug(
+                "sources",
+                move || serde_json::json!({ "sources": hub_sources.sources() }),
+            )
+            .debug(
+                "clients",
+                move || serde_json::json!({ "clients": xds.clients() }),
+            )
+            .debug("config_dump", move || config_dump(&cache))
+            .debug(
+                "registrations",
+                move || serde_json::json!({ "instances": embedded.instances() }),
+            )
+    };
+
+    let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
+        .await
+        .with_context(|| format!("binding the admin port {}", cfg.admin_listen))?;
+    let xds_listener = tokio::net::TcpListener::bind(cfg.xds_listen)
+        .await
+        .with_context(|| format!("binding the xDS port {}", cfg.xds_listen))?;
+    tracing::info!(
+        xds = %cfg.xds_listen,
+        admin = %cfg.admin_listen,
+        files = ?cfg.registry_files,
+        envoy_http_port = cfg.envoy_http_port,
+        "weft control plane serving"
+    );
+
+    let mut tasks = tokio::task::JoinSet::new();
+    tasks.spawn(weft_admin::serve(
+        admin_listener,
+        admin,
+        wait_true(shutdown_rx.clone()),
+    ));
+    tasks.spawn(pipeline::run(
+        registry_rx,
+        Arc::clone(&cache),
+        opts,
+        initial.registry,
+        cfg.debounce,
+        cfg.debounce_max,
+        shutdown_rx.clone(),
+    ));
+    if let Some(fs) = file_source {
+        tasks.spawn(fs.run(cfg.file_poll_interval, wait_true(shutdown_rx.clone())));
+    }
+    tasks.spawn(embedded.clone().run_reaper(wait_true(shutdown_rx.clone())));
+
+    let grpc = tonic::transport::Server::builder()
+        // Detect dead peers on idle streams; proxies otherwise hold half-open streams forever.
+        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+        .add_routes(xds.routes())
+        .add_service(embedded.service())
+        .serve_with_incoming_shutdown(
+            tokio_stream_incoming(xds_listener),
+            wait_true(shutdown_rx.clone()),
+        );
+    let server = tokio::spawn(grpc);
+
+    shutdown_signal().await;
+    tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining xDS streams");
+    let _ = shutdown_tx.send(true);
+    match tokio::time::timeout(cfg.shutdown_grace, server).await {
+        Ok(Ok(Ok(()))) => tracing::info!("xDS server stopped"),
+        Ok(Ok(Err(e))) => tracing::warn!(error = %e, "xDS server ended with an error"),
+        Ok(Err(e)) => tracing::warn!(error = %e, "xDS server task failed"),
+        Err(_) => tracing::warn!("grace period over; exiting with streams still open"),
+    }
+    tasks.abort_all();
+    Ok(())
+}
+
+fn tokio_stream_incoming(
+    listener: tokio::net::TcpListener,
+) -> tokio_stream::wrappers::TcpListenerStream {
+    tokio_stream::wrappers::TcpListenerStream::new(listener)
+}
+
+async fn wait_true(mut rx: watch::Receiver<bool>) {
+    while !*rx.borrow_and_update() {
+        if rx.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        if tokio::signal::ctrl_c().await.is_err() {
+            std::future::pending::<()>().await;
+        }
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+}
+
+/// Every resource of every flavour with its version, decoded to JSON where we know the type.
+fn config_dump(cache: &Cache) -> serde_json::Value {
+    let mut flavors = serde_json::Map::new();
+    for flavor in cache.flavors() {
+        let Some(snap) = cache.snapshot(flavor) else {
+            continue;
+        };
+        let mut types = serde_json::Map::new();
+        let mut type_urls: Vec<&String> = snap.types.keys().collect();
+        type_urls.sort();
+        for t in type_urls {
+            let ts = &snap.types[t];
+            let items: Vec<serde_json::Value> = ts
+                .resources
+                .values()
+                .map(|r| {
+                    serde_json::json!({
+                        "name": r.name,
+                        "version": r.version,
+                        "bytes": r.any.len(),
+                    })
+                })
+                .collect();
+            types.insert(
+                t.clone(),
+                serde_json::json!({ "version": ts.version, "resources": items }),
+            );
+        }
+        flavors.insert(
+            flavor.to_string(),
+            serde_json::json!({ "generation": snap.generation, "types": types }),
+        );
+    }
+    serde_json::json!({ "flavors": flavors, "encodes_total": cache.encodes_total() })
+}

@@ -1,0 +1,66 @@
+//! Command-line flags; every flag is also an environment variable `WEFT_<NAME>`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Parser;
+
+/// Weft control plane: watches registries and serves Envoy-compatible xDS (SotW and Delta,
+/// ADS and per-type) to Envoy and proxyless gRPC clients.
+///
+/// With no source flags it runs on its embedded registry alone: workloads register through the
+/// registration API (weft.registry.v1) on the xDS port.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "weft-control-plane", version)]
+pub struct Config {
+    /// Address of the gRPC port: xDS (ADS, CDS, EDS, LDS, RDS) and the registration API.
+    #[arg(long, env = "WEFT_XDS_LISTEN", default_value = "0.0.0.0:18000")]
+    pub xds_listen: SocketAddr,
+
+    /// Address of the admin HTTP port: /healthz, /readyz, /metrics, /debug/*.
+    #[arg(long, env = "WEFT_ADMIN_LISTEN", default_value = "0.0.0.0:19000")]
+    pub admin_listen: SocketAddr,
+
+    /// Registry file (YAML or JSON) to load and watch; repeatable. In the environment,
+    /// separate several paths with commas.
+    #[arg(
+        long = "registry-file",
+        env = "WEFT_REGISTRY_FILE",
+        value_delimiter = ','
+    )]
+    pub registry_files: Vec<PathBuf>,
+
+    /// How often registry files are checked for changes.
+    #[arg(long, env = "WEFT_FILE_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub file_poll_interval: Duration,
+
+    /// Port of the HTTP listener served to Envoy (the `weft_http` listener).
+    #[arg(long, env = "WEFT_ENVOY_HTTP_PORT", default_value_t = 15001)]
+    pub envoy_http_port: u16,
+
+    /// Address Envoy binds its `weft_http` listener to.
+    #[arg(long, env = "WEFT_ENVOY_HTTP_ADDRESS", default_value = "0.0.0.0")]
+    pub envoy_http_address: String,
+
+    /// Quiet period that ends a burst of registry changes before config is pushed.
+    #[arg(long, env = "WEFT_DEBOUNCE", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub debounce: Duration,
+
+    /// Longest a change may wait for a burst to end: under constant churn, config is still
+    /// pushed at least this often.
+    #[arg(long, env = "WEFT_DEBOUNCE_MAX", default_value = "1s", value_parser = humantime::parse_duration)]
+    pub debounce_max: Duration,
+
+    /// Lease of an instance registered without a TTL.
+    #[arg(long, env = "WEFT_REGISTRATION_DEFAULT_TTL", default_value = "30s", value_parser = humantime::parse_duration)]
+    pub registration_default_ttl: Duration,
+
+    /// On SIGTERM/SIGINT: how long streams get to close before the process exits anyway.
+    #[arg(long, env = "WEFT_SHUTDOWN_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub shutdown_grace: Duration,
+
+    /// Log format on stderr.
+    #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
