@@ -124,7 +124,8 @@ struct TypeState {
 /// What one request meant.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestKind {
-    /// First request for a type, or a subscription change with no nonce.
+    /// A request that opens or changes a subscription without judging a response: no nonce,
+    /// or the latest nonce again after it was already ACKed or NACKed.
     Subscribe,
     Ack {
         version: String,
@@ -528,8 +529,14 @@ fn judge(
     if nonce.is_empty() {
         return RequestKind::Subscribe;
     }
-    let Some(pending) = ts.pending.as_ref().filter(|p| p.nonce == nonce) else {
+    // Stale means "not the latest nonce we sent": the client has not seen our latest
+    // response. The latest nonce again, after it was ACKed, is a subscription change
+    // (Envoy sends one when it adds a cluster and needs its endpoints).
+    if ts.status.last_sent_nonce.as_deref() != Some(nonce) {
         return RequestKind::Stale;
+    }
+    let Some(pending) = ts.pending.as_ref().filter(|p| p.nonce == nonce) else {
+        return RequestKind::Subscribe;
     };
     let pending = pending.clone();
     ts.pending = None;

@@ -115,6 +115,7 @@ pub(crate) async fn run<F: Flow>(
         Err(status) => {
             inner.metrics.stream_errors.get_or_create(&labels).inc();
             tracing::debug!(%status, "xDS stream failed before its first request");
+            let _ = tx.send(Err(malformed(&status))).await;
             return;
         }
     };
@@ -186,6 +187,7 @@ pub(crate) async fn run<F: Flow>(
                 Err(status) => {
                     inner.metrics.stream_errors.get_or_create(&labels).inc();
                     tracing::debug!(node = %node.id, %status, "xDS stream ended");
+                    let _ = tx.send(Err(malformed(&status))).await;
                     return;
                 }
             },
@@ -193,6 +195,13 @@ pub(crate) async fn run<F: Flow>(
             () = tx.closed() => return,
         }
     }
+}
+
+/// Tells the client why its stream ends when its request could not be read (garbage that is
+/// not a protobuf message, or a message over the size limit). A transport failure (client
+/// gone) makes the send fail silently, which is fine.
+fn malformed(status: &Status) -> Status {
+    Status::invalid_argument(format!("malformed xDS request: {}", status.message()))
 }
 
 impl Inner {
