@@ -1,6 +1,8 @@
 //! Protocol tests: a real server on loopback driven by tonic clients, one test per rule of
 //! Envoy's xDS protocol that Weft promises (see docs/xds.md), for SotW and Delta.
 
+#![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
+
 use std::collections::HashMap;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
