@@ -239,6 +239,28 @@ async fn shutdown_signal() {
     }
 }
 
+/// A resource decoded and printed with its Rust `Debug` form: readable, though not the
+/// proto-JSON mapping Envoy's own config dump uses (that needs descriptor reflection).
+fn describe(type_url: &str, any: &[u8]) -> String {
+    use envoy_types::pb::envoy::config::{
+        cluster::v3::Cluster, endpoint::v3::ClusterLoadAssignment, listener::v3::Listener,
+        route::v3::RouteConfiguration,
+    };
+    use prost::Message;
+    let Ok(any) = envoy_types::pb::google::protobuf::Any::decode(any) else {
+        return "undecodable".to_string();
+    };
+    let v = any.value.as_slice();
+    let text = match type_url {
+        translate::CLUSTER_TYPE => Cluster::decode(v).map(|m| format!("{m:?}")),
+        translate::ENDPOINT_TYPE => ClusterLoadAssignment::decode(v).map(|m| format!("{m:?}")),
+        translate::LISTENER_TYPE => Listener::decode(v).map(|m| format!("{m:?}")),
+        translate::ROUTE_TYPE => RouteConfiguration::decode(v).map(|m| format!("{m:?}")),
+        _ => return "unknown type".to_string(),
+    };
+    text.unwrap_or_else(|e| format!("undecodable: {e}"))
+}
+
 /// Every resource of every flavour with its version, decoded to JSON where we know the type.
 fn config_dump(cache: &Cache) -> serde_json::Value {
     let mut flavors = serde_json::Map::new();
@@ -259,6 +281,7 @@ fn config_dump(cache: &Cache) -> serde_json::Value {
                         "name": r.name,
                         "version": r.version,
                         "bytes": r.any.len(),
+                        "resource": describe(t, &r.any),
                     })
                 })
                 .collect();

@@ -23,6 +23,8 @@ pub struct TypeLabels {
 pub struct XdsMetrics {
     pub streams: Family<StreamLabels, Gauge>,
     pub streams_total: Family<StreamLabels, Counter>,
+    /// Streams currently subscribed to each type (for ADS, one stream counts once per type).
+    pub subscribed: Family<TypeLabels, Gauge>,
     pub pushes: Family<TypeLabels, Counter>,
     pub acks: Family<TypeLabels, Counter>,
     pub nacks: Family<TypeLabels, Counter>,
@@ -35,6 +37,7 @@ impl Default for XdsMetrics {
         Self {
             streams: Family::default(),
             streams_total: Family::default(),
+            subscribed: Family::default(),
             pushes: Family::default(),
             acks: Family::default(),
             nacks: Family::default(),
@@ -56,6 +59,11 @@ impl XdsMetrics {
             "weft_xds_streams_opened",
             "xDS streams opened since start",
             self.streams_total.clone(),
+        );
+        reg.register(
+            "weft_xds_subscribed_streams",
+            "Connected streams subscribed to each type URL, by variant",
+            self.subscribed.clone(),
         );
         reg.register(
             "weft_xds_pushes",

@@ -144,6 +144,21 @@ pub(crate) async fn run<F: Flow>(
     });
     tracing::info!(node = %node.id, %flavor, variant = F::VARIANT.as_str(), service, "xDS stream opened");
 
+    // Types this stream has asked for, so the per-type gauge can be undone when it ends.
+    let subscribed: Mutex<Vec<String>> = Mutex::new(Vec::new());
+    let _subscribed_gauge = scopeguard(|| {
+        let types = subscribed.lock().map(|v| v.clone()).unwrap_or_default();
+        for type_url in types {
+            inner
+                .metrics
+                .subscribed
+                .get_or_create(&TypeLabels {
+                    variant: F::VARIANT.as_str(),
+                    type_url,
+                })
+                .dec();
+        }
+    });
     let mut next = Some(first);
     loop {
         if let Some(req) = next.take() {
@@ -155,7 +170,22 @@ pub(crate) async fn run<F: Flow>(
                     let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
                     return;
                 }
-                Ok(o) => inner.record(&node.id, F::VARIANT, o),
+                Ok(o) => {
+                    let mut seen = subscribed.lock().unwrap_or_else(|p| p.into_inner());
+                    if !seen.contains(&o.type_url) {
+                        seen.push(o.type_url.clone());
+                        inner
+                            .metrics
+                            .subscribed
+                            .get_or_create(&TypeLabels {
+                                variant: F::VARIANT.as_str(),
+                                type_url: o.type_url.clone(),
+                            })
+                            .inc();
+                    }
+                    drop(seen);
+                    inner.record(&node.id, F::VARIANT, o);
+                }
             }
         }
         let snap = Arc::clone(&snapshots.borrow_and_update());
