@@ -305,8 +305,8 @@ impl<'a> Validator<'a> {
                 self.err(&join(&mp, field), format!("`{v}` must start with `/`"));
             }
         }
-        if m.path_regex.as_deref() == Some("") {
-            self.err(&join(&mp, "path_regex"), "regex is empty".into());
+        if let Some(re) = &m.path_regex {
+            self.regex(&join(&mp, "path_regex"), re);
         }
         if let Some(method) = &m.method
             && (method.is_empty() || !method.chars().all(|c| c.is_ascii_uppercase()))
@@ -323,6 +323,9 @@ impl<'a> Validator<'a> {
                     &join(&hp, "name"),
                     format!("header name `{}` must be non-empty lower case", h.name),
                 );
+            }
+            if let Some(re) = &h.regex {
+                self.regex(&join(&hp, "regex"), re);
             }
             let set = [
                 h.exact.is_some(),
@@ -396,6 +399,21 @@ impl<'a> Validator<'a> {
             if h.cookie.as_ref().is_some_and(|c| c.name.is_empty()) {
                 self.err(&join(&hp, "cookie.name"), "cookie name is empty".into());
             }
+        }
+    }
+
+    /// Clients compile regexes with RE2. Checking the syntax here (Rust's `regex` accepts
+    /// RE2's syntax: no backreferences or lookaround) catches typos before they reach a client:
+    /// Envoy would reject the whole route configuration, holding back every other route's
+    /// changes until this one is fixed. Limits only the client knows (Envoy's RE2 program
+    /// size) can still be rejected there; see docs/xds.md on NACKs.
+    fn regex(&mut self, path: &str, re: &str) {
+        if re.is_empty() {
+            self.err(path, "regex is empty".into());
+        } else if let Err(e) = regex::Regex::new(re) {
+            let first = e.to_string();
+            let reason = first.lines().last().unwrap_or("invalid").trim().to_string();
+            self.err(path, format!("invalid regex `{re}`: {reason}"));
         }
     }
 
@@ -604,6 +622,27 @@ policies:
         ] {
             assert!(e.contains(want), "missing {want:?} in {e}");
         }
+    }
+
+    #[test]
+    fn regexes_are_checked() {
+        let e = errs(
+            "routes: [{name: r, service: a, rules: [{match: {path_regex: \"(\", headers: [{name: x, regex: \"a(?=b)\"}]}}]}]",
+        );
+        assert!(
+            e.contains("routes[0].rules[0].match.path_regex: invalid regex `(`"),
+            "{e}"
+        );
+        assert!(
+            e.contains("routes[0].rules[0].match.headers[0].regex: invalid regex"),
+            "{e}"
+        );
+        assert_eq!(
+            errs(
+                "routes: [{name: r, service: a, rules: [{match: {path_regex: \"/v[0-9]+/.*\"}}]}]"
+            ),
+            ""
+        );
     }
 
     #[test]
