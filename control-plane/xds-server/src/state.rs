@@ -121,6 +121,21 @@ struct TypeState {
     status: TypeStatus,
 }
 
+impl TypeState {
+    /// Records that a response went out: it is now the one un-ACKed response of the type.
+    fn sent(&mut self, nonce: &str, version: &str, oldest_change: Option<Instant>) {
+        self.force = false;
+        self.pending = Some(Pending {
+            nonce: nonce.to_string(),
+            version: version.to_string(),
+            oldest_change,
+        });
+        self.status.pushes += 1;
+        self.status.last_sent_version = Some(version.to_string());
+        self.status.last_sent_nonce = Some(nonce.to_string());
+    }
+}
+
 /// What one request meant.
 #[derive(Debug, Clone, PartialEq)]
 pub enum RequestKind {
@@ -371,15 +386,7 @@ impl StreamState {
                 continue;
             };
             ts.known = known;
-            ts.force = false;
-            ts.pending = Some(Pending {
-                nonce: nonce.clone(),
-                version: version.clone(),
-                oldest_change,
-            });
-            ts.status.pushes += 1;
-            ts.status.last_sent_version = Some(version.clone());
-            ts.status.last_sent_nonce = Some(nonce.clone());
+            ts.sent(&nonce, &version, oldest_change);
             out.push(SotwOut {
                 type_url: type_url.to_string(),
                 version_info: version,
@@ -482,15 +489,7 @@ impl StreamState {
                 ts.known.insert(name, version);
                 resources_bytes.push(bytes);
             }
-            ts.force = false;
-            ts.pending = Some(Pending {
-                nonce: nonce.clone(),
-                version: system_version_info.clone(),
-                oldest_change,
-            });
-            ts.status.pushes += 1;
-            ts.status.last_sent_version = Some(system_version_info.clone());
-            ts.status.last_sent_nonce = Some(nonce.clone());
+            ts.sent(&nonce, &system_version_info, oldest_change);
             out.push(DeltaOut {
                 type_url: type_url.to_string(),
                 system_version_info,
