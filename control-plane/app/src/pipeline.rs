@@ -47,12 +47,15 @@ pub fn plan(prev: Option<&Registry>, next: &Registry) -> Plan {
             endpoints_removed: Vec::new(),
         };
     };
+    // Each flag mirrors what the translator function reads (see their docs in
+    // weft-translate): clusters read service names, protocols and policies; routes read
+    // service names, protocols (default retry conditions) and routes; listeners read names.
     let shapes_changed = shapes(prev) != shapes(next);
     let names_changed = !prev.services.keys().eq(next.services.keys());
     Plan {
         clusters: shapes_changed || prev.policies != next.policies,
         listeners: names_changed,
-        routes: names_changed || prev.routes != next.routes,
+        routes: shapes_changed || prev.routes != next.routes,
         endpoints: next
             .services
             .iter()
@@ -234,6 +237,24 @@ mod tests {
         ));
         let p = plan(Some(&a), &c);
         assert!(!p.clusters && !p.listeners && p.routes);
+    }
+
+    #[test]
+    fn protocol_change_rebuilds_clusters_and_routes() {
+        // A retry rule without `on` takes its default conditions from the protocol.
+        let with_retry = format!(
+            "{BASE}routes: [{{name: r, service: a, rules: [{{retries: {{attempts: 2}}}}]}}]\n"
+        );
+        let a = registry(&with_retry);
+        let b = registry(&with_retry.replace("name: a,", "name: a, protocol: grpc,"));
+        let p = plan(Some(&a), &b);
+        assert!(p.clusters && p.routes && !p.listeners, "{p:?}");
+        // And the routes really differ: HTTP services retry on 5xx by default, gRPC ones not.
+        let opts = translate::Options::default();
+        assert_ne!(
+            translate::routes(&a, &opts, Flavor::Envoy),
+            translate::routes(&b, &opts, Flavor::Envoy)
+        );
     }
 
     #[test]
