@@ -185,6 +185,9 @@ pub struct StreamState {
     only_type: Option<&'static str>,
     types: BTreeMap<String, TypeState>,
     next_nonce: u64,
+    /// Convergence counts only changes made while the stream was open: a new client fetching
+    /// config that changed an hour ago is not a one-hour convergence.
+    opened_at: Instant,
 }
 
 impl StreamState {
@@ -194,6 +197,7 @@ impl StreamState {
             only_type,
             types: BTreeMap::new(),
             next_nonce: 0,
+            opened_at: Instant::now(),
         }
     }
 
@@ -374,6 +378,7 @@ impl StreamState {
                 .iter()
                 .filter(|r| ts.known.get(&r.name) != Some(&r.version))
                 .map(|r| r.changed_at)
+                .filter(|t| *t >= self.opened_at)
                 .min();
             let version = sotw_version(&selected);
             let resources_bytes: Vec<Bytes> = selected.iter().map(|r| r.any.clone()).collect();
@@ -469,7 +474,11 @@ impl StreamState {
             } else {
                 Vec::new()
             };
-            let oldest_change = send.iter().map(|r| r.changed_at).min();
+            let oldest_change = send
+                .iter()
+                .map(|r| r.changed_at)
+                .filter(|t| *t >= self.opened_at)
+                .min();
             let sent: Vec<(String, String, Bytes)> = send
                 .iter()
                 .map(|r| (r.name.clone(), r.version.clone(), r.delta.clone()))

@@ -113,9 +113,11 @@ pub(crate) async fn run<F: Flow>(
         Ok(Some(r)) => r,
         Ok(None) => return,
         Err(status) => {
-            inner.metrics.stream_errors.get_or_create(&labels).inc();
+            if is_malformed(&status) {
+                inner.metrics.stream_errors.get_or_create(&labels).inc();
+                let _ = tx.send(Err(malformed(&status))).await;
+            }
             tracing::debug!(%status, "xDS stream failed before its first request");
-            let _ = tx.send(Err(malformed(&status))).await;
             return;
         }
     };
@@ -215,9 +217,13 @@ pub(crate) async fn run<F: Flow>(
                 Ok(Some(req)) => next = Some(req),
                 Ok(None) => return,
                 Err(status) => {
-                    inner.metrics.stream_errors.get_or_create(&labels).inc();
-                    tracing::debug!(node = %node.id, %status, "xDS stream ended");
-                    let _ = tx.send(Err(malformed(&status))).await;
+                    if is_malformed(&status) {
+                        inner.metrics.stream_errors.get_or_create(&labels).inc();
+                        tracing::warn!(node = %node.id, %status, "xDS stream ended: malformed request");
+                        let _ = tx.send(Err(malformed(&status))).await;
+                    } else {
+                        tracing::debug!(node = %node.id, %status, "xDS stream ended by the client");
+                    }
                     return;
                 }
             },
@@ -225,6 +231,16 @@ pub(crate) async fn run<F: Flow>(
             () = tx.closed() => return,
         }
     }
+}
+
+/// tonic reports a request it could not decode as INTERNAL, and one over the size limit as
+/// OUT_OF_RANGE or RESOURCE_EXHAUSTED; anything else is the client or transport going away,
+/// which is not an error of ours or theirs worth counting.
+fn is_malformed(status: &Status) -> bool {
+    matches!(
+        status.code(),
+        tonic::Code::Internal | tonic::Code::OutOfRange | tonic::Code::ResourceExhausted
+    )
 }
 
 /// Tells the client why its stream ends when its request could not be read (garbage that is

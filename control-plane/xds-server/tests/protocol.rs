@@ -827,3 +827,35 @@ async fn one_encode_per_changed_resource_whatever_the_number_of_streams() {
     }
     assert_eq!(h.cache.encodes_total() - before, 1);
 }
+
+#[tokio::test]
+async fn convergence_counts_changes_made_while_connected_not_initial_fetches() {
+    let h = start().await;
+    let mut reg = prometheus_client::registry::Registry::default();
+    h.server.register_metrics(&mut reg);
+    let count = |reg: &prometheus_client::registry::Registry| {
+        let mut out = String::new();
+        prometheus_client::encoding::text::encode(&mut out, reg).unwrap();
+        out.lines()
+            .find(|l| l.starts_with("weft_xds_convergence_seconds_count"))
+            .and_then(|l| l.split_whitespace().last())
+            .and_then(|v| v.parse::<u64>().ok())
+            .unwrap()
+    };
+    h.set("envoy", &[("a", 1)], &[]);
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let mut c = Sotw::open(&h).await;
+    c.subscribe("n", CLUSTER, &[]).await;
+    let r = c.recv().await;
+    c.ack(&r, &[]).await;
+    c.quiet().await;
+    assert_eq!(
+        count(&reg),
+        0,
+        "the initial fetch is not a convergence sample"
+    );
+    h.set("envoy", &[("a", 2)], &[]);
+    let r = c.recv().await;
+    c.ack(&r, &[]).await;
+    wait_until(|| count(&reg) == 1).await;
+}
