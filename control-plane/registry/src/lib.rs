@@ -1,8 +1,9 @@
 //! The one registry model every Weft source feeds.
 //!
 //! What it does:
-//! - [`model`]: the shared schema (services, endpoints, routes, policies) that files, etcd and
-//!   Consul values and CRD specs all decode into, and the merged [`Registry`] the translator reads.
+//! - [`model`]: the shared schema (services, endpoints, routes, policies) that every source
+//!   decodes into (today registry files and the registration API; the etcd, Consul and
+//!   Kubernetes sources are to use it too), and the merged [`Registry`] the translator reads.
 //! - [`schema`]: decoding (YAML or JSON) and validation with errors that name origin, field path
 //!   and reason.
 //! - [`hub`]: merges the sources' events (`Init/InitApply/InitDone/Apply/Delete`) into one

@@ -1,4 +1,5 @@
-//! The shared registry schema: what a registry file, an etcd/Consul value or a CRD spec says.
+//! The shared registry schema: what a registry file says, and what every later source (etcd and
+//! Consul values, CRD specs) is to say in the same words.
 //!
 //! Every source decodes into these types, so a route written in a file and one written as an etcd
 //! key mean exactly the same thing. Unknown fields are rejected everywhere (`deny_unknown_fields`)

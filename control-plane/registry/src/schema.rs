@@ -80,11 +80,14 @@ pub fn decode<T: DeserializeOwned>(origin: &str, text: &str) -> Result<T, Schema
             path
         };
         let msg = e.into_inner().to_string();
-        // serde_yaml_ng already prefixes some messages with the path; say it once.
-        let msg = msg
-            .strip_prefix(&format!("{path}: "))
-            .map(str::to_string)
-            .unwrap_or(msg);
+        // serde_yaml_ng prefixes some messages with the path (or, for unknown fields, the
+        // parent's path); say the path once.
+        let msg = match msg.split_once(": ") {
+            Some((prefix, rest)) if !prefix.is_empty() && path.starts_with(prefix) => {
+                rest.to_string()
+            }
+            _ => msg,
+        };
         one(origin, &path, msg)
     })
 }
@@ -590,6 +593,7 @@ policies:
             errs("services: [{name: a, endpoints: [{address: 127.0.0.1, port: 1, wieght: 3}]}]");
         assert!(e.contains("services[0].endpoints[0]"), "{e}");
         assert!(e.contains("unknown field `wieght`"), "{e}");
+        assert_eq!(e.matches("services[0]").count(), 1, "{e}");
     }
 
     #[test]
