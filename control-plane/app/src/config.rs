@@ -35,6 +35,40 @@ pub struct Config {
     #[arg(long, env = "WEFT_FILE_POLL_INTERVAL", default_value = "1s", value_parser = humantime::parse_duration)]
     pub file_poll_interval: Duration,
 
+    /// etcd endpoints to use as a registry source (e.g. http://127.0.0.1:2379); repeatable or
+    /// comma-separated. Without it, etcd is not used.
+    #[arg(long, env = "WEFT_ETCD_ENDPOINTS", value_delimiter = ',')]
+    pub etcd_endpoints: Vec<String>,
+
+    /// Key prefix of Weft's data in etcd (see docs/sources/etcd.md).
+    #[arg(long, env = "WEFT_ETCD_PREFIX", default_value = "/weft")]
+    pub etcd_prefix: String,
+
+    /// CA certificate (PEM) to verify etcd's server certificate.
+    #[arg(long, env = "WEFT_ETCD_CA")]
+    pub etcd_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for etcd mTLS; needs --etcd-key.
+    #[arg(long, env = "WEFT_ETCD_CERT", requires = "etcd_key")]
+    pub etcd_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for etcd mTLS; needs --etcd-cert.
+    #[arg(long, env = "WEFT_ETCD_KEY", requires = "etcd_cert")]
+    pub etcd_key: Option<PathBuf>,
+
+    /// etcd user (with --etcd-password).
+    #[arg(long, env = "WEFT_ETCD_USER", requires = "etcd_password")]
+    pub etcd_user: Option<String>,
+
+    /// etcd password. Prefer the environment variable to the flag, which `ps` shows.
+    #[arg(
+        long,
+        env = "WEFT_ETCD_PASSWORD",
+        hide_env_values = true,
+        requires = "etcd_user"
+    )]
+    pub etcd_password: Option<String>,
+
     /// Port of the HTTP listener served to Envoy (the `weft_http` listener).
     #[arg(long, env = "WEFT_ENVOY_HTTP_PORT", default_value_t = 15001)]
     pub envoy_http_port: u16,

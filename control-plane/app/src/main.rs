@@ -87,6 +87,26 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         fs.register_metrics(&mut metrics);
         Some(fs)
     };
+    let etcd_source = if cfg.etcd_endpoints.is_empty() {
+        None
+    } else {
+        let opts = weft_source_etcd::EtcdOptions {
+            endpoints: cfg.etcd_endpoints.clone(),
+            prefix: cfg.etcd_prefix.trim_end_matches('/').to_string(),
+            user: cfg.etcd_user.clone().zip(cfg.etcd_password.clone()),
+            tls: cfg.etcd_ca.clone().map(|ca| weft_source_etcd::TlsFiles {
+                ca,
+                cert: cfg.etcd_cert.clone(),
+                key: cfg.etcd_key.clone(),
+            }),
+            ..Default::default()
+        };
+        opts.validate()
+            .map_err(|e| Failure::BadConfig(format!("etcd: {e}")))?;
+        let es = weft_source_etcd::EtcdSource::new(opts, hub.add_source("etcd"));
+        es.register_metrics(&mut metrics);
+        Some(es)
+    };
     let embedded = weft_registration::EmbeddedRegistry::new(
         hub.add_source("registration"),
         weft_registration::RegistrationOptions {
@@ -96,8 +116,6 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     );
     embedded.register_metrics(&mut metrics);
 
-    // Build the first config before serving anything, so no client is ever sent an empty or
-    // partial view of a registry that is in fact populated.
     let types = [
         translate::CLUSTER_TYPE,
         translate::ENDPOINT_TYPE,
@@ -110,9 +128,6 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         http_listener_address: cfg.envoy_http_address.clone(),
         http_listener_port: cfg.envoy_http_port,
     };
-    let registry_rx = hub.subscribe();
-    let initial = hub.current();
-    pipeline::apply(&cache, &opts, None, &initial.registry, Instant::now());
 
     let xds = XdsServer::new(
         Arc::clone(&cache),
@@ -149,13 +164,6 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     let xds_listener = tokio::net::TcpListener::bind(cfg.xds_listen)
         .await
         .with_context(|| format!("binding the xDS port {}", cfg.xds_listen))?;
-    tracing::info!(
-        xds = %cfg.xds_listen,
-        admin = %cfg.admin_listen,
-        files = ?cfg.registry_files,
-        envoy_http_port = cfg.envoy_http_port,
-        "weft control plane serving"
-    );
 
     let mut tasks = tokio::task::JoinSet::new();
     tasks.spawn(weft_admin::serve(
@@ -163,6 +171,39 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         admin,
         wait_true(shutdown_rx.clone()),
     ));
+    if let Some(fs) = file_source {
+        tasks.spawn(fs.run(cfg.file_poll_interval, wait_true(shutdown_rx.clone())));
+    }
+    if let Some(es) = etcd_source {
+        tasks.spawn(es.run(wait_true(shutdown_rx.clone())));
+    }
+    tasks.spawn(embedded.clone().run_reaper(wait_true(shutdown_rx.clone())));
+
+    // Serve xDS only once every source has completed its first full sync: a client must never
+    // be sent a partial registry as if it were the whole (linkerd2 #1958). Until then the xDS
+    // port accepts connections but nothing answers them, and /readyz says why.
+    let signal = shutdown_signal();
+    tokio::pin!(signal);
+    let mut logged = false;
+    while !hub.is_ready() {
+        if !logged {
+            tracing::info!("waiting for the first full sync of every source (see /debug/sources)");
+            logged = true;
+        }
+        tokio::select! {
+            () = &mut signal => {
+                let _ = shutdown_tx.send(true);
+                tasks.abort_all();
+                return Ok(());
+            }
+            () = tokio::time::sleep(std::time::Duration::from_millis(20)) => {}
+        }
+    }
+    // Subscribe before reading the initial state: a change in between is then seen twice
+    // (harmless), never missed.
+    let registry_rx = hub.subscribe();
+    let initial = hub.current();
+    pipeline::apply(&cache, &opts, None, &initial.registry, Instant::now());
     tasks.spawn(pipeline::run(
         registry_rx,
         Arc::clone(&cache),
@@ -172,10 +213,14 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         cfg.debounce_max,
         shutdown_rx.clone(),
     ));
-    if let Some(fs) = file_source {
-        tasks.spawn(fs.run(cfg.file_poll_interval, wait_true(shutdown_rx.clone())));
-    }
-    tasks.spawn(embedded.clone().run_reaper(wait_true(shutdown_rx.clone())));
+    tracing::info!(
+        xds = %cfg.xds_listen,
+        admin = %cfg.admin_listen,
+        files = ?cfg.registry_files,
+        etcd = ?cfg.etcd_endpoints,
+        envoy_http_port = cfg.envoy_http_port,
+        "weft control plane serving"
+    );
 
     let grpc = tonic::transport::Server::builder()
         // Detect dead peers on idle streams; proxies otherwise hold half-open streams forever.
@@ -189,7 +234,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         );
     let server = tokio::spawn(grpc);
 
-    shutdown_signal().await;
+    signal.await;
     tracing::info!(grace = ?cfg.shutdown_grace, "shutting down: draining xDS streams");
     let _ = shutdown_tx.send(true);
     match tokio::time::timeout(cfg.shutdown_grace, server).await {
