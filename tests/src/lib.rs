@@ -1261,6 +1261,50 @@ impl GrpcClient {
     }
 }
 
+/// A real etcd (Debian's `etcd-server`) on free loopback ports, its log in the test's
+/// artifacts; stopped by PID when dropped.
+pub struct Etcd {
+    _proc: Proc,
+    pub url: String,
+}
+
+impl Etcd {
+    pub async fn start(ctx: &TestCtx) -> Result<Self> {
+        let (client, peer) = (free_port()?, free_port()?);
+        let url = format!("http://127.0.0.1:{client}");
+        let peer_url = format!("http://127.0.0.1:{peer}");
+        let mut cmd = Command::new("etcd");
+        cmd.args(["--name", "t", "--data-dir"])
+            .arg(ctx.path("etcd-data"))
+            .args([
+                "--listen-client-urls",
+                &url,
+                "--advertise-client-urls",
+                &url,
+            ])
+            .args([
+                "--listen-peer-urls",
+                &peer_url,
+                "--initial-advertise-peer-urls",
+                &peer_url,
+            ])
+            .args(["--initial-cluster", &format!("t={peer_url}")]);
+        let proc = Proc::spawn(ctx, "etcd", cmd, false, false)
+            .context("starting etcd (Debian package etcd-server; .ci/run installs it)")?;
+        let etcd = Etcd { _proc: proc, url };
+        eventually("etcd answers", Duration::from_secs(20), async || {
+            etcd.client().await?.get("probe", None).await?;
+            Ok(())
+        })
+        .await?;
+        Ok(etcd)
+    }
+
+    pub async fn client(&self) -> Result<etcd_client::Client> {
+        Ok(etcd_client::Client::connect([self.url.as_str()], None).await?)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -1321,49 +1365,5 @@ weft_up 1
             assert!(y.contains("port_value: 1111"));
             assert!(y.contains("port_value: 2222"));
         }
-    }
-}
-
-/// A real etcd (Debian's `etcd-server`) on free loopback ports, its log in the test's
-/// artifacts; stopped by PID when dropped.
-pub struct Etcd {
-    _proc: Proc,
-    pub url: String,
-}
-
-impl Etcd {
-    pub async fn start(ctx: &TestCtx) -> Result<Self> {
-        let (client, peer) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "t", "--data-dir"])
-            .arg(ctx.path("etcd-data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("t={peer_url}")]);
-        let proc = Proc::spawn(ctx, "etcd", cmd, false, false)
-            .context("starting etcd (Debian package etcd-server; .ci/run installs it)")?;
-        let etcd = Etcd { _proc: proc, url };
-        eventually("etcd answers", Duration::from_secs(20), async || {
-            etcd.client().await?.get("probe", None).await?;
-            Ok(())
-        })
-        .await?;
-        Ok(etcd)
-    }
-
-    pub async fn client(&self) -> Result<etcd_client::Client> {
-        Ok(etcd_client::Client::connect([self.url.as_str()], None).await?)
     }
 }
