@@ -172,6 +172,35 @@ pub async fn eventually<T>(
     }
 }
 
+/// Draws batches of traffic until `pred` holds for one batch, for at most `timeout`. A failed
+/// request in ANY batch fails the wait, not just in the last one: following a registry change
+/// must not cost a single error.
+pub async fn converge(
+    what: &str,
+    timeout: Duration,
+    mut batch: impl AsyncFnMut() -> Result<Tally>,
+    pred: impl Fn(&Tally) -> bool,
+) -> Result<()> {
+    let mut failed = Tally::default();
+    let r = eventually(what, timeout, async || {
+        let t = batch().await?;
+        if t.errors > 0 {
+            failed.errors += t.errors;
+            failed.last_error = t.last_error.clone();
+        }
+        ensure!(pred(&t), "last batch: {t}");
+        Ok(())
+    })
+    .await;
+    ensure!(
+        failed.errors == 0,
+        "{} requests failed while waiting until {what}: {:?}",
+        failed.errors,
+        failed.last_error
+    );
+    r
+}
+
 // ---------------------------------------------------------------------------------------------
 // Test context and process guards
 // ---------------------------------------------------------------------------------------------

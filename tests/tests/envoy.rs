@@ -21,32 +21,21 @@ fn registry(b: &Backends, web: &[&str], split: Option<(u32, u32)>) -> Result<Str
     Ok(y)
 }
 
-/// Sprays batches of 20-30 requests until `pred` holds for one batch (at most 10 s). Failed
-/// requests are never retried away: any failure in any batch fails the test.
+/// Sprays batches of `batch` requests through Envoy until `pred` holds (see
+/// [`weft_tests::converge`]: any failure in any batch fails the test).
 async fn converge(
     envoy: &Envoy,
     what: &str,
     batch: usize,
     pred: impl Fn(&Tally) -> bool,
 ) -> Result<()> {
-    let mut failed = Tally::default();
-    let r = eventually(what, CONVERGE, async || {
-        let t = envoy.spray("web", "/", batch).await?;
-        if t.errors > 0 {
-            failed.errors += t.errors;
-            failed.last_error = t.last_error.clone();
-        }
-        ensure!(pred(&t), "last batch: {t}");
-        Ok(())
-    })
-    .await;
-    ensure!(
-        failed.errors == 0,
-        "{} requests failed while waiting until {what}: {:?}",
-        failed.errors,
-        failed.last_error
-    );
-    r
+    weft_tests::converge(
+        what,
+        CONVERGE,
+        async || envoy.spray("web", "/", batch).await,
+        pred,
+    )
+    .await
 }
 
 async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {

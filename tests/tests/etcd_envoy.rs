@@ -27,11 +27,12 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
     let envoy = Envoy::start(ctx, &cp, variant, &format!("envoy-etcd-{}", variant.name())).await?;
     let only = |name: &'static str| move |t: &Tally| t.errors == 0 && t.get(name) == 20;
     let spray_until = async |what: &str, pred: &dyn Fn(&Tally) -> bool| -> Result<()> {
-        eventually(what, Duration::from_secs(15), async || {
-            let t = envoy.spray("web", "/", 20).await?;
-            ensure!(pred(&t), "{t}");
-            Ok(())
-        })
+        converge(
+            what,
+            Duration::from_secs(15),
+            async || envoy.spray("web", "/", 20).await,
+            pred,
+        )
         .await
     };
     spray_until("traffic reaches web-1 from etcd", &only("web-1")).await?;

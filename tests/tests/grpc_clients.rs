@@ -23,8 +23,8 @@ fn registry(b: &Backends, echo: &[&str], split: Option<(u32, u32)>) -> Result<St
     Ok(y)
 }
 
-/// Calls in batches until `pred` holds for one batch (at most `timeout`). Any failed call in
-/// any batch fails the test: convergence must not cost errors.
+/// Makes batches of `batch` calls until `pred` holds (see [`weft_tests::converge`]: any
+/// failed call in any batch fails the test).
 async fn converge(
     client: &mut GrpcClient,
     what: &str,
@@ -32,24 +32,7 @@ async fn converge(
     timeout: Duration,
     pred: impl Fn(&Tally) -> bool,
 ) -> Result<()> {
-    let mut failed = Tally::default();
-    let r = eventually(what, timeout, async || {
-        let t = client.call(batch).await?;
-        if t.errors > 0 {
-            failed.errors += t.errors;
-            failed.last_error = t.last_error.clone();
-        }
-        ensure!(pred(&t), "last batch: {t}");
-        Ok(())
-    })
-    .await;
-    ensure!(
-        failed.errors == 0,
-        "{} calls failed while waiting until {what}: {:?}",
-        failed.errors,
-        failed.last_error
-    );
-    r
+    weft_tests::converge(what, timeout, async || client.call(batch).await, pred).await
 }
 
 async fn scenario(ctx: &TestCtx, lang: Lang) -> Result<()> {
