@@ -2,7 +2,14 @@
 //! end-to-end tests.
 //!
 //! - `--http NAME=ADDR` (repeatable): HTTP/1.1 and h2c. Every request gets 200 with body
-//!   `NAME\n` and header `x-backend: NAME`; `GET /healthz` gets 200 `ok`.
+//!   `NAME\n` and header `x-backend: NAME`; `GET /healthz` gets 200 `ok`. The request's
+//!   `traceparent`, `tracestate` and `baggage` come back as `x-seen-traceparent`,
+//!   `x-seen-tracestate` and `x-seen-baggage`, so a test sees what the last hop sent.
+//! - Runtime controls, per HTTP backend, so a test can make one misbehave without restarting
+//!   it (`POST`, answered `200 ok`):
+//!   `/control/health?status=fail|pass` (`/healthz` answers 503 while failing),
+//!   `/control/fail?status=503` (every other request answers that status; `status=0` stops),
+//!   `/control/delay?ms=2000` (every other request waits that long first; `ms=0` stops).
 //! - `--grpc NAME=ADDR` (repeatable): `weft.demo.v1.Echo` (the reply names the backend) plus
 //!   `grpc.health.v1.Health` reporting SERVING.
 //!
@@ -10,6 +17,9 @@
 
 use std::convert::Infallible;
 use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU16, AtomicU64, Ordering};
+use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
 use bytes::Bytes;
@@ -119,8 +129,23 @@ async fn shutdown_signal() -> Result<()> {
     Ok(())
 }
 
+/// A backend's runtime behaviour, changed through `/control/*`.
+#[derive(Debug)]
+struct Behaviour {
+    name: Bytes,
+    healthy: AtomicBool,
+    /// Status every request gets instead of 200; 0 = behave.
+    fail_status: AtomicU16,
+    delay_ms: AtomicU64,
+}
+
 async fn serve_http(name: String, listener: TcpListener) -> Result<()> {
-    let name = Bytes::from(name);
+    let name = Arc::new(Behaviour {
+        name: Bytes::from(name),
+        healthy: AtomicBool::new(true),
+        fail_status: AtomicU16::new(0),
+        delay_ms: AtomicU64::new(0),
+    });
     loop {
         let (stream, peer) = match listener.accept().await {
             Ok(x) => x,
@@ -144,25 +169,105 @@ async fn serve_http(name: String, listener: TcpListener) -> Result<()> {
 }
 
 async fn handle_http(
-    name: Bytes,
+    b: Arc<Behaviour>,
     req: Request<Incoming>,
 ) -> Result<Response<Full<Bytes>>, Infallible> {
-    let header = hyper::header::HeaderValue::from_maybe_shared(name.clone())
-        .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid-name"));
-    let body = if req.method() == hyper::Method::GET && req.uri().path() == "/healthz" {
-        Bytes::from_static(b"ok")
+    let path = req.uri().path();
+    if req.method() == hyper::Method::POST && path.starts_with("/control/") {
+        return Ok(control(&b, path, req.uri().query().unwrap_or("")));
+    }
+    let (status, body) = if req.method() == hyper::Method::GET && path == "/healthz" {
+        if b.healthy.load(Ordering::Relaxed) {
+            (200, Bytes::from_static(b"ok"))
+        } else {
+            (503, Bytes::from_static(b"failing\n"))
+        }
     } else {
-        let mut b = name.to_vec();
-        b.push(b'\n');
-        Bytes::from(b)
+        let delay = b.delay_ms.load(Ordering::Relaxed);
+        if delay > 0 {
+            tokio::time::sleep(Duration::from_millis(delay)).await;
+        }
+        let mut body = b.name.to_vec();
+        body.push(b'\n');
+        match b.fail_status.load(Ordering::Relaxed) {
+            0 => (200, Bytes::from(body)),
+            s => (s, Bytes::from(body)),
+        }
     };
+    let mut resp = reply(status, body);
+    let name = hyper::header::HeaderValue::from_maybe_shared(b.name.clone())
+        .unwrap_or_else(|_| hyper::header::HeaderValue::from_static("invalid-name"));
+    resp.headers_mut().insert("x-backend", name);
+    for (seen, header) in [
+        ("x-seen-traceparent", "traceparent"),
+        ("x-seen-tracestate", "tracestate"),
+        ("x-seen-baggage", "baggage"),
+    ] {
+        if let Some(v) = req.headers().get(header) {
+            resp.headers_mut().insert(seen, v.clone());
+        }
+    }
+    Ok(resp)
+}
+
+fn reply(status: u16, body: Bytes) -> Response<Full<Bytes>> {
     let mut resp = Response::new(Full::new(body));
-    resp.headers_mut().insert("x-backend", header);
+    *resp.status_mut() =
+        hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::INTERNAL_SERVER_ERROR);
     resp.headers_mut().insert(
         hyper::header::CONTENT_TYPE,
         hyper::header::HeaderValue::from_static("text/plain"),
     );
-    Ok(resp)
+    resp
+}
+
+/// Applies one `/control/*` request; unknown controls or values get 400 naming them.
+fn control(b: &Behaviour, path: &str, query: &str) -> Response<Full<Bytes>> {
+    let param = |key: &str| {
+        query
+            .split('&')
+            .filter_map(|kv| kv.split_once('='))
+            .find(|(k, _)| *k == key)
+            .map(|(_, v)| v.to_string())
+    };
+    let done = match path {
+        "/control/health" => match param("status").as_deref() {
+            Some("fail") => {
+                b.healthy.store(false, Ordering::Relaxed);
+                true
+            }
+            Some("pass") => {
+                b.healthy.store(true, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        },
+        "/control/fail" => match param("status").and_then(|s| s.parse::<u16>().ok()) {
+            Some(s) if s == 0 || (100..=599).contains(&s) => {
+                b.fail_status.store(s, Ordering::Relaxed);
+                true
+            }
+            _ => false,
+        },
+        "/control/delay" => match param("ms").and_then(|s| s.parse::<u64>().ok()) {
+            Some(ms) => {
+                b.delay_ms.store(ms, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        },
+        _ => false,
+    };
+    match done {
+        true => {
+            tracing::info!(backend = ?b.name, control = path, query, "behaviour changed");
+            reply(200, Bytes::from_static(b"ok\n"))
+        }
+        false => reply(
+            400,
+            Bytes::from(format!("unknown control or value: {path}?{query}\n")),
+        ),
+    }
 }
 
 #[derive(Debug)]

@@ -5,7 +5,9 @@
 //! rejecting with a named reason anything the sidecar cannot honour (so the xDS client NACKs it
 //! instead of half-applying it), and matches a request to a route.
 //!
-//! What it does not do: any I/O, or keep runtime state; that is weft-proxy's.
+//! What it does not do: any I/O, or keep runtime state (balancers, rate-limit buckets, circuit
+//! breaker counters); that is weft-proxy's. It does not decode xDS responses either, beyond the
+//! `Any` helper [`decode_any`]: the xDS client hands it typed messages.
 //!
 //! The control plane's translation (control-plane/translate) is the other side of this contract:
 //! - `Cluster.lb_policy` + `ring_hash_lb_config`/`maglev_lb_config`, and
@@ -31,7 +33,13 @@ use std::time::Duration;
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
+use envoy_types::pb::google::protobuf::Any;
 use weft_balance::{Algorithm, EndpointSpec, OutlierConfig, ZoneConfig};
+
+mod cluster;
+mod endpoints;
+mod routes;
+mod util;
 
 /// Name of the RouteConfiguration the sidecar subscribes to.
 pub const ROUTE_CONFIG_NAME: &str = "weft_http";
@@ -110,16 +118,14 @@ pub struct ClusterConfig {
 /// Reads a Cluster. Rejects: non-EDS discovery, unknown lb_policy, a `weft.lb_algorithm` it
 /// does not know, percentages above 100, zero thresholds.
 pub fn cluster_from_xds(c: &Cluster) -> Result<ClusterConfig, ConfigError> {
-    let _ = c;
-    unimplemented!()
+    cluster::read(c)
 }
 
 /// Reads a ClusterLoadAssignment: locality zone -> `zone`, `load_balancing_weight` (default 1),
 /// health_status (HEALTHY/UNKNOWN -> Healthy, DRAINING -> Draining, everything else ->
 /// Unhealthy). Rejects endpoints that are not IP socket addresses.
 pub fn endpoints_from_xds(cla: &ClusterLoadAssignment) -> Result<Vec<EndpointSpec>, ConfigError> {
-    let _ = cla;
-    unimplemented!()
+    endpoints::read(cla)
 }
 
 /// What to hash for ring hash / Maglev (Envoy's hash_policy subset Weft emits).
@@ -199,15 +205,16 @@ pub enum NoRoute {
 /// The `weft_http` RouteConfiguration, ready to match requests.
 #[derive(Debug, Clone, Default)]
 pub struct RouteTable {
-    // implementation-defined (compiled regexes, domain index)
+    table: routes::Table,
 }
 
 impl RouteTable {
     /// Reads a RouteConfiguration. Rejects regexes that do not compile, route actions other
     /// than cluster / weighted_clusters, and domains Envoy would also reject.
     pub fn from_xds(rc: &RouteConfiguration) -> Result<RouteTable, ConfigError> {
-        let _ = rc;
-        unimplemented!()
+        Ok(RouteTable {
+            table: routes::Table::build(rc)?,
+        })
     }
 
     /// Matches a request: virtual host by authority (exact, then `svc:*`-style port wildcard,
@@ -219,13 +226,12 @@ impl RouteTable {
         req: &RequestInfo<'_>,
         weighted_pick: u64,
     ) -> Result<RouteDecision, NoRoute> {
-        let _ = (req, weighted_pick);
-        unimplemented!()
+        self.table.route(req, weighted_pick)
     }
 
     /// Names of the virtual hosts, for `/debug/config`.
     pub fn virtual_hosts(&self) -> Vec<String> {
-        unimplemented!()
+        self.table.virtual_hosts()
     }
 }
 
@@ -236,3 +242,45 @@ pub struct MeshConfig {
     pub endpoints: BTreeMap<String, Vec<EndpointSpec>>,
     pub routes: RouteTable,
 }
+
+impl MeshConfig {
+    /// Reads a whole set of resources, all or nothing: the first resource the sidecar cannot
+    /// honour fails the lot, so a partly applied update never exists. `routes` is the
+    /// [`ROUTE_CONFIG_NAME`] RouteConfiguration (`None`: no routes yet).
+    pub fn from_xds(
+        clusters: &[Cluster],
+        assignments: &[ClusterLoadAssignment],
+        routes: Option<&RouteConfiguration>,
+    ) -> Result<MeshConfig, ConfigError> {
+        let clusters = clusters
+            .iter()
+            .map(|c| cluster_from_xds(c).map(|cc| (cc.name.clone(), cc)))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let endpoints = assignments
+            .iter()
+            .map(|a| endpoints_from_xds(a).map(|e| (a.cluster_name.clone(), e)))
+            .collect::<Result<BTreeMap<_, _>, _>>()?;
+        let routes = match routes {
+            Some(rc) => RouteTable::from_xds(rc)?,
+            None => RouteTable::default(),
+        };
+        Ok(MeshConfig {
+            clusters,
+            endpoints,
+            routes,
+        })
+    }
+}
+
+/// Decodes a resource from an xDS `Any`, checking its type URL, with a [`ConfigError`] naming
+/// `resource` on failure.
+pub fn decode_any<M: prost::Message + prost::Name + Default>(
+    any: &Any,
+    resource: &str,
+) -> Result<M, ConfigError> {
+    util::unpack(any, resource, "resource")
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests;
