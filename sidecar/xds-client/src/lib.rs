@@ -10,7 +10,13 @@
 //! `initial_resource_versions` so an unchanged control plane sends nothing new, a SotW stream
 //! re-requests with the last accepted versions.
 //!
-//! What it does not do: interpret resources (weft-sidecar-config does) or serve traffic.
+//! What it does not do: interpret resources (weft-sidecar-config does), serve traffic, or
+//! subscribe to Listeners (the sidecar builds its own).
+//!
+//! `synced` needs an accepted answer for every current cluster's endpoints. Weft's server
+//! always has an assignment per cluster; with SotW a cluster whose assignment does not exist
+//! on the server is only known absent from a later EDS response (SotW cannot say "no such
+//! resource"), so against another control plane it may hold `synced` back.
 //!
 //! ## Interface contract (shared with the sidecar binary; keep it stable)
 
@@ -23,6 +29,16 @@ use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use tokio::sync::watch;
+
+mod client;
+
+/// Type URL of CDS resources.
+pub const CLUSTER_TYPE: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
+/// Type URL of EDS resources.
+pub const ENDPOINT_TYPE: &str =
+    "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
+/// Type URL of RDS resources.
+pub const ROUTE_TYPE: &str = "type.googleapis.com/envoy.config.route.v3.RouteConfiguration";
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, serde::Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -91,19 +107,28 @@ pub struct State {
 /// A running client. Dropping it stops the stream.
 #[derive(Debug)]
 pub struct XdsClient {
-    // implementation-defined
+    state: watch::Receiver<Arc<State>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for XdsClient {
+    fn drop(&mut self) {
+        // The task owns the stream: aborting it closes the connection.
+        self.task.abort();
+    }
 }
 
 impl XdsClient {
     /// Starts the client task. Never fails: connection errors are retried with backoff and
-    /// reported in [`State::last_error`].
+    /// reported in [`State::last_error`]. Must be called within a Tokio runtime.
     pub fn spawn(opts: Options) -> XdsClient {
-        let _ = opts;
-        unimplemented!()
+        let (tx, state) = watch::channel(Arc::new(State::default()));
+        let task = tokio::spawn(client::Core::new(opts, tx).run());
+        XdsClient { state, task }
     }
 
     /// Watch of the accepted state.
     pub fn state(&self) -> watch::Receiver<Arc<State>> {
-        unimplemented!()
+        self.state.clone()
     }
 }
