@@ -1,0 +1,1 @@
+//! Consul source (issue 5): being written.
