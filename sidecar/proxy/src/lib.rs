@@ -24,10 +24,33 @@
 //! 431 headers too large, 502 upstream connect/protocol failure, 503 no healthy endpoint or
 //! circuit open, 504 timeout.
 //!
+//! Circuit breakers, as far as a pooled hyper client allows: `max_requests` counts requests in
+//! flight per cluster until their response ends; `max_connections` (HTTP/1.1 clusters only, as
+//! one HTTP/1.1 connection carries one request at a time) caps concurrent upstream attempts and
+//! the idle connections kept per endpoint; `max_pending_requests` caps attempts waiting for one
+//! of those slots; `max_retries` / `retry_budget` cap retries in flight (Envoy's default of 3
+//! when neither is set). HTTP/2 upstreams multiplex over one connection per endpoint, and get
+//! the endpoint as `:authority` with the original authority in `host`.
+//!
 //! ## Interface contract (shared with the sidecar binary; keep it stable)
 
+mod access_log;
+mod body;
+mod breaker;
+mod client;
+mod errors;
+mod headers;
+mod inbound;
+mod mesh;
+mod metrics;
+mod outbound;
+mod ratelimit;
+mod replay;
+mod retry;
+mod server;
+
 use std::net::SocketAddr;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use tokio::net::TcpListener;
@@ -102,7 +125,14 @@ impl Default for ProxyOptions {
 
 /// The shared runtime: config + per-cluster state. `Arc<Mesh>` is handed to both proxies.
 pub struct Mesh {
-    // implementation-defined
+    opts: ProxyOptions,
+    telemetry: Arc<access_log::Telemetry>,
+    /// Swapped whole by `apply`; requests clone the `Arc` and keep a consistent view.
+    state: RwLock<Arc<mesh::State>>,
+    /// Also serialises `apply` calls.
+    health: Mutex<mesh::HealthCheckers>,
+    clients: client::ClientCache,
+    limiter: ratelimit::RateLimiter,
 }
 
 impl std::fmt::Debug for Mesh {
@@ -118,33 +148,55 @@ impl Mesh {
         spans: Arc<dyn SpanSink>,
         registry: &mut prometheus_client::registry::Registry,
     ) -> Arc<Mesh> {
-        let _ = (opts, spans, registry);
-        unimplemented!()
+        let metrics = metrics::Metrics::new(registry);
+        Arc::new(Mesh {
+            clients: client::ClientCache::new(opts.pool_idle_timeout, opts.max_header_bytes),
+            opts,
+            telemetry: Arc::new(access_log::Telemetry { metrics, spans }),
+            state: RwLock::new(Arc::new(mesh::State::default())),
+            health: Mutex::new(mesh::HealthCheckers::default()),
+            limiter: ratelimit::RateLimiter::default(),
+        })
+    }
+
+    fn snapshot(&self) -> Arc<mesh::State> {
+        Arc::clone(&self.state.read().unwrap_or_else(|e| e.into_inner()))
     }
 
     /// Applies a new config: balancers updated in place (state kept for endpoints that stay),
     /// removed clusters dropped, health checkers started/stopped as policies say.
     pub fn apply(&self, config: MeshConfig) {
-        let _ = config;
-        unimplemented!()
+        let mut health = self.health.lock().unwrap_or_else(|e| e.into_inner());
+        let previous = self.snapshot();
+        let next = mesh::build_state(
+            config,
+            &previous,
+            self.opts.zone.as_ref(),
+            &self.clients,
+            &mut health,
+        );
+        *self.state.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(next);
     }
 
     /// `/debug/endpoints`: per cluster, its algorithm and every endpoint's
     /// [`weft_balance::EndpointStatus`].
     pub fn debug_endpoints(&self) -> serde_json::Value {
-        unimplemented!()
+        mesh::debug_endpoints(&self.snapshot())
     }
 
     /// `/debug/config`: clusters' settings and route table virtual hosts as applied.
     pub fn debug_config(&self) -> serde_json::Value {
-        unimplemented!()
+        mesh::debug_config(&self.snapshot())
     }
 }
 
 /// Serves the outbound listener until `shutdown` is cancelled, then finishes in-flight requests.
 pub async fn serve_outbound(listener: TcpListener, mesh: Arc<Mesh>, shutdown: CancellationToken) {
-    let _ = (listener, mesh, shutdown);
-    unimplemented!()
+    let max_header_bytes = mesh.opts.max_header_bytes;
+    server::serve(listener, max_header_bytes, shutdown, move |req, remote| {
+        outbound::handle(Arc::clone(&mesh), req, remote)
+    })
+    .await;
 }
 
 /// Inbound settings.
@@ -166,6 +218,30 @@ pub async fn serve_inbound(
     mesh: Arc<Mesh>,
     drain: CancellationToken,
 ) {
-    let _ = (listener, opts, mesh, drain);
-    unimplemented!()
+    let max_header_bytes = mesh.opts.max_header_bytes;
+    let key = |http2| client::ClientKey {
+        http2,
+        connect_timeout: APP_CONNECT_TIMEOUT,
+        max_idle_per_host: None,
+    };
+    let build = |http2| {
+        client::build(
+            key(http2),
+            mesh.opts.pool_idle_timeout,
+            mesh.opts.max_header_bytes,
+        )
+    };
+    let inbound = Arc::new(inbound::Inbound {
+        h1: build(false),
+        h2: build(true),
+        mesh: Arc::clone(&mesh),
+        opts,
+    });
+    server::serve(listener, max_header_bytes, drain, move |req, remote| {
+        inbound::handle(Arc::clone(&inbound), req, remote)
+    })
+    .await;
 }
+
+/// The app is on loopback: a connect that takes longer than this is not going to work.
+const APP_CONNECT_TIMEOUT: Duration = Duration::from_secs(1);
