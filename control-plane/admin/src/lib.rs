@@ -27,6 +27,8 @@ pub type DebugFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
 #[derive(Clone)]
 pub struct Admin {
     ready: Arc<dyn Fn() -> bool + Send + Sync>,
+    /// What `/readyz` says while not ready: each binary waits for different things.
+    not_ready: String,
     metrics: Arc<prometheus_client::registry::Registry>,
     debug: BTreeMap<String, DebugFn>,
 }
@@ -46,9 +48,17 @@ impl Admin {
     ) -> Self {
         Self {
             ready: Arc::new(ready),
+            not_ready: "waiting for the first full sync of every source (see /debug/sources)"
+                .to_string(),
             metrics: Arc::new(metrics),
             debug: BTreeMap::new(),
         }
+    }
+
+    /// What `/readyz` answers (after `not ready: `) while the ready check fails.
+    pub fn not_ready_message(mut self, message: &str) -> Self {
+        self.not_ready = message.to_string();
+        self
     }
 
     /// Serves `f()` as JSON at `/debug/<name>`.
@@ -76,8 +86,7 @@ impl Admin {
                 } else {
                     text(
                         StatusCode::SERVICE_UNAVAILABLE,
-                        "not ready: waiting for the first full sync of every source (see /debug/sources)\n"
-                            .into(),
+                        format!("not ready: {}\n", self.not_ready),
                     )
                 }
             }

@@ -24,8 +24,6 @@ use crate::{
     RetryOn, RouteDecision, TokenBucketConfig,
 };
 
-/// Envoy's route timeout when `RouteAction.timeout` is absent.
-const DEFAULT_ROUTE_TIMEOUT: Duration = Duration::from_secs(15);
 /// Envoy's `num_retries` when a retry policy leaves it unset.
 const DEFAULT_NUM_RETRIES: u32 = 1;
 /// Envoy's `tokens_per_fill` when unset.
@@ -462,7 +460,9 @@ fn compile_route(
     };
     let timeout = match &action.timeout {
         Some(d) => Some(duration(d, res, "timeout")?).filter(|d| !d.is_zero()),
-        None => Some(DEFAULT_ROUTE_TIMEOUT),
+        // Unlike Envoy's 15s default, no deadline (as Linkerd): a default deadline would cut
+        // every long-lived gRPC stream through the sidecar. Routes that want one say so.
+        None => None,
     };
     // As Envoy: a route's retry policy replaces its virtual host's, it is not merged.
     let retry = match action.retry_policy.as_ref().or(vh.retry_policy.as_ref()) {

@@ -790,7 +790,7 @@ fn route_timeouts() {
     let timeout = |p: &str| get(&t, "web", "GET", p, &[]).unwrap().timeout;
     assert_eq!(timeout("/none"), None);
     assert_eq!(timeout("/two"), Some(Duration::from_secs(2)));
-    assert_eq!(timeout("/"), Some(Duration::from_secs(15)));
+    assert_eq!(timeout("/"), None);
 }
 
 #[test]
