@@ -118,6 +118,10 @@ pub struct RouteRule {
     pub retries: Option<RetryPolicy>,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub hash_policy: Vec<HashPolicy>,
+    /// Local rate limit for requests matching this rule; replaces the service's own
+    /// (`Policy.rate_limit`) for them. Envoy and the sidecar only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
 }
 
 /// Conditions a request must all meet. At most one of the path fields may be set; none means
@@ -246,6 +250,75 @@ pub struct Policy {
     pub outlier_detection: Option<OutlierDetection>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub health_check: Option<HealthCheck>,
+    /// Prefer endpoints in the client's own zone (Envoy and the sidecar only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub zone_aware: Option<ZoneAware>,
+    /// Envoy's `healthy_panic_threshold`, 0..=100: below this percent of healthy endpoints the
+    /// client balances over all of them, healthy or not. Absent: 50. Envoy and the sidecar only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub panic_threshold: Option<u32>,
+    /// Local rate limit for all requests to the service (Envoy and the sidecar only).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rate_limit: Option<RateLimit>,
+}
+
+/// Zone-aware routing: keep traffic in the client's zone while that zone is healthy enough.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ZoneAware {
+    /// `false` turns zone preference off explicitly (as if `zone_aware` were absent, but said).
+    #[serde(default = "default_true")]
+    pub enabled: bool,
+    /// 0..=100: spill over to other zones when fewer than this percent of the local zone's
+    /// endpoints are healthy.
+    #[serde(default = "default_min_healthy_percent")]
+    pub min_healthy_percent: u32,
+}
+
+impl Default for ZoneAware {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            min_healthy_percent: default_min_healthy_percent(),
+        }
+    }
+}
+
+fn default_true() -> bool {
+    true
+}
+
+fn default_min_healthy_percent() -> u32 {
+    70
+}
+
+/// A token bucket: `requests` tokens every `per`, holding at most `burst` (default `requests`).
+/// Requests beyond it get 429 with `retry-after`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RateLimit {
+    /// Tokens added per `per`, at least 1.
+    pub requests: u32,
+    /// Refill interval, at least [`MIN_RATE_LIMIT_PER`]. Default 1s.
+    #[serde(default = "default_rate_limit_per", with = "humantime_serde")]
+    pub per: Duration,
+    /// Bucket size, at least `requests`. Default `requests`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub burst: Option<u32>,
+}
+
+/// Envoy rejects a token bucket `fill_interval` below 50ms.
+pub const MIN_RATE_LIMIT_PER: Duration = Duration::from_millis(50);
+
+fn default_rate_limit_per() -> Duration {
+    Duration::from_secs(1)
+}
+
+impl RateLimit {
+    /// The bucket size: `burst`, or `requests` when unset.
+    pub fn max_tokens(&self) -> u32 {
+        self.burst.unwrap_or(self.requests)
+    }
 }
 
 /// Load-balancing algorithms. Clients that lack one get the nearest they support (documented in
@@ -262,6 +335,31 @@ pub enum LbAlgorithm {
     Maglev,
 }
 
+impl LbAlgorithm {
+    pub const ALL: [LbAlgorithm; 7] = [
+        LbAlgorithm::RoundRobin,
+        LbAlgorithm::WeightedRoundRobin,
+        LbAlgorithm::Random,
+        LbAlgorithm::LeastRequest,
+        LbAlgorithm::PeakEwma,
+        LbAlgorithm::RingHash,
+        LbAlgorithm::Maglev,
+    ];
+
+    /// The schema spelling (snake_case), which is also what clients read from cluster metadata.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LbAlgorithm::RoundRobin => "round_robin",
+            LbAlgorithm::WeightedRoundRobin => "weighted_round_robin",
+            LbAlgorithm::Random => "random",
+            LbAlgorithm::LeastRequest => "least_request",
+            LbAlgorithm::PeakEwma => "peak_ewma",
+            LbAlgorithm::RingHash => "ring_hash",
+            LbAlgorithm::Maglev => "maglev",
+        }
+    }
+}
+
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakers {
@@ -273,6 +371,37 @@ pub struct CircuitBreakers {
     pub max_requests: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_retries: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub retry_budget: Option<RetryBudget>,
+}
+
+/// Retries limited to a share of active requests, rather than a fixed `max_retries`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RetryBudget {
+    /// 0..=100: active retries may be at most this percent of active requests. Default 20.
+    #[serde(default = "default_retry_budget_percent")]
+    pub percent: u32,
+    /// Concurrent retries always allowed, whatever the percentage says. Default 3.
+    #[serde(default = "default_min_retry_concurrency")]
+    pub min_concurrency: u32,
+}
+
+impl Default for RetryBudget {
+    fn default() -> Self {
+        Self {
+            percent: default_retry_budget_percent(),
+            min_concurrency: default_min_retry_concurrency(),
+        }
+    }
+}
+
+fn default_retry_budget_percent() -> u32 {
+    20
+}
+
+fn default_min_retry_concurrency() -> u32 {
+    3
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -297,6 +426,13 @@ pub struct OutlierDetection {
     /// 0..=100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub max_ejection_percent: Option<u32>,
+    /// Upper bound on an ejection (ejections grow with each repeat). Envoy's default: 300s.
+    #[serde(
+        default,
+        with = "humantime_serde",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub max_ejection_time: Option<Duration>,
 }
 
 /// Active health checking of a service's endpoints by the client (Envoy, sidecar).

@@ -13,6 +13,9 @@ use serde::de::DeserializeOwned;
 
 use crate::model::*;
 
+/// Envoy's default `base_ejection_time`, against which a `max_ejection_time` is checked.
+const DEFAULT_BASE_EJECTION_TIME: std::time::Duration = std::time::Duration::from_secs(30);
+
 /// One problem in one value.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("{origin}: {path}: {reason}")]
@@ -380,6 +383,9 @@ impl<'a> Validator<'a> {
                 }
             }
         }
+        if let Some(rl) = &rule.rate_limit {
+            self.rate_limit(&join(rp, "rate_limit"), rl);
+        }
         for (i, h) in rule.hash_policy.iter().enumerate() {
             let hp = join(rp, &format!("hash_policy[{i}]"));
             let set = [
@@ -420,6 +426,39 @@ impl<'a> Validator<'a> {
         }
     }
 
+    fn percent(&mut self, path: &str, v: u32) {
+        if v > 100 {
+            self.err(path, format!("{v} is out of range 0..=100"));
+        }
+    }
+
+    fn rate_limit(&mut self, p: &str, rl: &RateLimit) {
+        if rl.requests == 0 {
+            self.err(&join(p, "requests"), "must be at least 1".into());
+        }
+        if rl.per < MIN_RATE_LIMIT_PER {
+            self.err(
+                &join(p, "per"),
+                format!(
+                    "{} is less than the minimum of {}ms (Envoy rejects a shorter fill interval)",
+                    humantime_serde::re::humantime::format_duration(rl.per),
+                    MIN_RATE_LIMIT_PER.as_millis()
+                ),
+            );
+        }
+        if let Some(burst) = rl.burst
+            && burst < rl.requests
+        {
+            self.err(
+                &join(p, "burst"),
+                format!(
+                    "burst {burst} is less than requests {}: the bucket could never hold a whole refill",
+                    rl.requests
+                ),
+            );
+        }
+    }
+
     fn policy(&mut self, p: &str, pol: &Policy) {
         self.name(&join(p, "name"), &pol.name);
         self.name(&join(p, "service"), &pol.service);
@@ -443,6 +482,45 @@ impl<'a> Validator<'a> {
                     "must be greater than 0".into(),
                 );
             }
+            if let Some(max) = od.max_ejection_time {
+                // Envoy rejects a cluster whose base ejection time exceeds the maximum.
+                let base = od.base_ejection_time.unwrap_or(DEFAULT_BASE_EJECTION_TIME);
+                if max.is_zero() {
+                    self.err(
+                        &join(&op, "max_ejection_time"),
+                        "must be greater than 0".into(),
+                    );
+                } else if max < base {
+                    self.err(
+                        &join(&op, "max_ejection_time"),
+                        format!(
+                            "{} is less than base_ejection_time ({})",
+                            humantime_serde::re::humantime::format_duration(max),
+                            humantime_serde::re::humantime::format_duration(base)
+                        ),
+                    );
+                }
+            }
+        }
+        if let Some(cb) = &pol.circuit_breakers
+            && let Some(rb) = &cb.retry_budget
+        {
+            self.percent(
+                &join(p, "circuit_breakers.retry_budget.percent"),
+                rb.percent,
+            );
+        }
+        if let Some(za) = &pol.zone_aware {
+            self.percent(
+                &join(p, "zone_aware.min_healthy_percent"),
+                za.min_healthy_percent,
+            );
+        }
+        if let Some(pt) = pol.panic_threshold {
+            self.percent(&join(p, "panic_threshold"), pt);
+        }
+        if let Some(rl) = &pol.rate_limit {
+            self.rate_limit(&join(p, "rate_limit"), rl);
         }
         if let Some(hc) = &pol.health_check {
             let hp = join(p, "health_check");
@@ -665,6 +743,122 @@ policies:
                 .to_string()
                 .contains("limit")
         );
+    }
+
+    #[test]
+    fn sidecar_policies_parse_with_defaults() {
+        let doc = parse_document(
+            "f.yaml",
+            r#"
+routes:
+  - name: r
+    service: web
+    rules:
+      - match: {path_prefix: /api}
+        rate_limit: {requests: 10, per: 500ms, burst: 20}
+policies:
+  - name: p
+    service: web
+    zone_aware: {}
+    panic_threshold: 0
+    rate_limit: {requests: 5}
+    circuit_breakers: {retry_budget: {}}
+    outlier_detection: {base_ejection_time: 10s, max_ejection_time: 1m}
+"#,
+        )
+        .unwrap();
+        let p = &doc.policies[0];
+        assert_eq!(p.zone_aware, Some(ZoneAware::default()));
+        let za = p.zone_aware.as_ref().unwrap();
+        assert!(za.enabled);
+        assert_eq!(za.min_healthy_percent, 70);
+        assert_eq!(p.panic_threshold, Some(0));
+        let rl = p.rate_limit.as_ref().unwrap();
+        assert_eq!(rl.requests, 5);
+        assert_eq!(rl.per, std::time::Duration::from_secs(1));
+        assert_eq!(rl.max_tokens(), 5);
+        let rb = p
+            .circuit_breakers
+            .as_ref()
+            .unwrap()
+            .retry_budget
+            .as_ref()
+            .unwrap();
+        assert_eq!((rb.percent, rb.min_concurrency), (20, 3));
+        assert_eq!(
+            p.outlier_detection.as_ref().unwrap().max_ejection_time,
+            Some(std::time::Duration::from_secs(60))
+        );
+        let rl = doc.routes[0].rules[0].rate_limit.as_ref().unwrap();
+        assert_eq!(rl.per, std::time::Duration::from_millis(500));
+        assert_eq!(rl.max_tokens(), 20);
+    }
+
+    #[test]
+    fn sidecar_policies_are_checked() {
+        let e = errs(
+            r#"
+routes:
+  - name: r
+    service: web
+    rules: [{rate_limit: {requests: 0, per: 10ms}}]
+policies:
+  - name: p
+    service: web
+    zone_aware: {enabled: false, min_healthy_percent: 101}
+    panic_threshold: 150
+    rate_limit: {requests: 10, per: 49ms, burst: 9}
+    circuit_breakers: {retry_budget: {percent: 200}}
+    outlier_detection: {max_ejection_time: 10s}
+"#,
+        );
+        for want in [
+            "f.yaml: routes[0].rules[0].rate_limit.requests: must be at least 1",
+            "f.yaml: routes[0].rules[0].rate_limit.per: 10ms is less than the minimum of 50ms",
+            "f.yaml: policies[0].zone_aware.min_healthy_percent: 101 is out of range 0..=100",
+            "f.yaml: policies[0].panic_threshold: 150 is out of range 0..=100",
+            "f.yaml: policies[0].rate_limit.per: 49ms is less than the minimum",
+            "f.yaml: policies[0].rate_limit.burst: burst 9 is less than requests 10",
+            "f.yaml: policies[0].circuit_breakers.retry_budget.percent: 200 is out of range",
+            "f.yaml: policies[0].outlier_detection.max_ejection_time: 10s is less than base_ejection_time (30s)",
+        ] {
+            assert!(e.contains(want), "missing {want:?} in {e}");
+        }
+        assert_eq!(e.lines().count(), 8, "{e}");
+    }
+
+    #[test]
+    fn sidecar_policies_reject_unknown_fields() {
+        for (text, field) in [
+            (
+                "policies: [{name: p, service: a, zone_aware: {min_healthy: 5}}]",
+                "min_healthy",
+            ),
+            (
+                "policies: [{name: p, service: a, rate_limit: {requests: 1, burts: 2}}]",
+                "burts",
+            ),
+            (
+                "policies: [{name: p, service: a, circuit_breakers: {retry_budget: {pct: 1}}}]",
+                "pct",
+            ),
+        ] {
+            let e = errs(text);
+            assert!(e.contains(&format!("unknown field `{field}`")), "{e}");
+        }
+        let e = errs("policies: [{name: p, service: a, rate_limit: {per: 1s}}]");
+        assert!(e.contains("policies[0].rate_limit"), "{e}");
+        assert!(e.contains("missing field `requests`"), "{e}");
+    }
+
+    #[test]
+    fn lb_algorithm_names_are_the_schema_spelling() {
+        for a in LbAlgorithm::ALL {
+            let yaml = serde_yaml_ng::to_string(&a).unwrap();
+            assert_eq!(yaml.trim(), a.as_str());
+            let back: LbAlgorithm = decode("t", a.as_str()).unwrap();
+            assert_eq!(back, a);
+        }
     }
 
     #[test]

@@ -1,29 +1,39 @@
 //! Services and their policies become CDS Clusters.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use envoy_types::pb::envoy::config::cluster::v3::cluster::{
-    ClusterDiscoveryType, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy, RingHashLbConfig,
+    ClusterDiscoveryType, CommonLbConfig, DiscoveryType, EdsClusterConfig, LbConfig, LbPolicy,
+    RingHashLbConfig,
+    common_lb_config::{LocalityConfigSpecifier, ZoneAwareLbConfig},
 };
 use envoy_types::pb::envoy::config::cluster::v3::{
-    CircuitBreakers, Cluster, OutlierDetection, circuit_breakers::Thresholds,
+    CircuitBreakers, Cluster, OutlierDetection,
+    circuit_breakers::{Thresholds, thresholds::RetryBudget},
 };
 use envoy_types::pb::envoy::config::core::v3::health_check::{
     GrpcHealthCheck, HealthChecker, HttpHealthCheck, TcpHealthCheck,
 };
 use envoy_types::pb::envoy::config::core::v3::{
-    HealthCheck, Http2ProtocolOptions, RoutingPriority,
+    HealthCheck, Http2ProtocolOptions, Metadata, RoutingPriority,
 };
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::http_protocol_options::{
     ExplicitHttpConfig, UpstreamProtocolOptions, explicit_http_config::ProtocolConfig,
 };
-use envoy_types::pb::google::protobuf::UInt64Value;
+use envoy_types::pb::google::protobuf::{Struct, UInt64Value, Value, value::Kind};
 use prost::Name;
 use weft_registry::{LbAlgorithm, Policy, Protocol, Registry, Service};
 
 use crate::Flavor;
-use crate::util::{ads, duration, pack, u32v};
+use crate::util::{ads, duration, ordered_map, pack, percent, u32v};
+
+/// `filter_metadata` key of Weft's own cluster settings, read by the sidecar (Envoy ignores it).
+pub const WEFT_METADATA: &str = "weft";
+/// The policy's exact `lb` (snake_case), which `lb_policy` can only approximate.
+pub const META_LB_ALGORITHM: &str = "lb_algorithm";
+/// `zone_aware.min_healthy_percent`, which Envoy's zone-aware config has no field for.
+pub const META_ZONE_MIN_HEALTHY_PERCENT: &str = "zone_min_healthy_percent";
 
 const DEFAULT_CONNECT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
 const DEFAULT_HC_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(1);
@@ -73,11 +83,18 @@ fn cluster(svc: &Service, policy: Option<&Policy>, flavor: Flavor) -> Cluster {
     };
     if let Some(p) = policy {
         c.circuit_breakers = circuit_breakers(p, flavor);
-        c.outlier_detection = p.outlier_detection.as_ref().map(outlier_detection);
-        if flavor == Flavor::Envoy
-            && let Some(hc) = &p.health_check
-        {
-            c.health_checks = vec![health_check(hc, svc.protocol)];
+        c.outlier_detection = p
+            .outlier_detection
+            .as_ref()
+            .map(|od| outlier_detection(od, flavor));
+        // gRPC clients get none of these: they would ignore them at best (metadata, zone-aware
+        // routing) or reject the cluster.
+        if flavor == Flavor::Envoy {
+            if let Some(hc) = &p.health_check {
+                c.health_checks = vec![health_check(hc, svc.protocol)];
+            }
+            c.common_lb_config = common_lb_config(p);
+            c.metadata = weft_metadata(p);
         }
     }
     if flavor == Flavor::Envoy && svc.protocol == Protocol::Grpc {
@@ -107,6 +124,59 @@ fn lb_policy(lb: Option<LbAlgorithm>, flavor: Flavor) -> LbPolicy {
     }
 }
 
+/// Panic threshold and zone-aware routing; `None` when the policy sets neither, so clusters
+/// without them stay byte-identical to before these fields existed.
+fn common_lb_config(p: &Policy) -> Option<CommonLbConfig> {
+    if p.panic_threshold.is_none() && p.zone_aware.is_none() {
+        return None;
+    }
+    Some(CommonLbConfig {
+        healthy_panic_threshold: p.panic_threshold.map(percent),
+        locality_config_specifier: p.zone_aware.as_ref().map(|z| {
+            LocalityConfigSpecifier::ZoneAwareLbConfig(ZoneAwareLbConfig {
+                routing_enabled: Some(percent(if z.enabled { 100 } else { 0 })),
+                ..Default::default()
+            })
+        }),
+        ..Default::default()
+    })
+}
+
+/// What Envoy has no field for, for the sidecar: the exact algorithm (Envoy has no peak-EWMA or
+/// smooth weighted round robin) and the zone spill-over threshold. The Struct's keys are
+/// ordered ([`ordered_map`]) so the cluster always encodes to the same bytes.
+fn weft_metadata(p: &Policy) -> Option<Metadata> {
+    let mut fields = BTreeMap::new();
+    if let Some(lb) = p.lb {
+        fields.insert(
+            META_LB_ALGORITHM.to_string(),
+            Value {
+                kind: Some(Kind::StringValue(lb.as_str().to_string())),
+            },
+        );
+    }
+    if let Some(z) = &p.zone_aware {
+        fields.insert(
+            META_ZONE_MIN_HEALTHY_PERCENT.to_string(),
+            Value {
+                kind: Some(Kind::NumberValue(f64::from(z.min_healthy_percent))),
+            },
+        );
+    }
+    if fields.is_empty() {
+        return None;
+    }
+    Some(Metadata {
+        filter_metadata: HashMap::from([(
+            WEFT_METADATA.to_string(),
+            Struct {
+                fields: ordered_map(&fields),
+            },
+        )]),
+        ..Default::default()
+    })
+}
+
 /// gRPC only reads `max_requests` of the DEFAULT priority, so it gets nothing else; with no
 /// `max_requests` it gets no circuit breakers at all.
 fn circuit_breakers(p: &Policy, flavor: Flavor) -> Option<CircuitBreakers> {
@@ -118,6 +188,11 @@ fn circuit_breakers(p: &Policy, flavor: Flavor) -> Option<CircuitBreakers> {
             max_pending_requests: cb.max_pending_requests.map(u32v),
             max_requests: cb.max_requests.map(u32v),
             max_retries: cb.max_retries.map(u32v),
+            retry_budget: cb.retry_budget.as_ref().map(|rb| RetryBudget {
+                budget_percent: Some(percent(rb.percent)),
+                min_retry_concurrency: Some(u32v(rb.min_concurrency)),
+                ..Default::default()
+            }),
             ..Default::default()
         },
         Flavor::Grpc => Thresholds {
@@ -132,11 +207,17 @@ fn circuit_breakers(p: &Policy, flavor: Flavor) -> Option<CircuitBreakers> {
     })
 }
 
-/// Same message for both flavours. gRPC implements only success-rate and failure-percentage
-/// ejection, which Weft never enables, so for gRPC clients the consecutive-failure settings are
-/// inert; every value sent is one gRPC validates successfully (percentages <= 100).
-fn outlier_detection(od: &weft_registry::OutlierDetection) -> OutlierDetection {
+/// Nearly the same message for both flavours. gRPC implements only success-rate and
+/// failure-percentage ejection, which Weft never enables, so for gRPC clients the
+/// consecutive-failure settings are inert; every value sent is one gRPC validates successfully
+/// (percentages <= 100). `max_ejection_time` is Envoy's only, like every field added for the
+/// sidecar.
+fn outlier_detection(od: &weft_registry::OutlierDetection, flavor: Flavor) -> OutlierDetection {
     OutlierDetection {
+        max_ejection_time: match flavor {
+            Flavor::Envoy => od.max_ejection_time.map(duration),
+            Flavor::Grpc => None,
+        },
         consecutive_5xx: od.consecutive_5xx.map(u32v),
         consecutive_gateway_failure: od.consecutive_gateway_failure.map(u32v),
         // Envoy enforces gateway-failure ejection 0% of the time by default: setting the

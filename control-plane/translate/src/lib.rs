@@ -7,9 +7,9 @@
 //! feature a client lacks is downgraded to the nearest one it accepts, never sent as something it
 //! would NACK; `docs/translation.md` lists each mapping.
 //!
-//! Output is deterministic (everything sorted by name, no hash-map iteration with more than one
-//! entry), so the same registry always encodes to the same bytes and content-hash versions only
-//! change when the configuration does. Clusters, listeners and routes never read instances, so
+//! Output is deterministic (everything sorted by name; hash maps either have one entry or are
+//! built to iterate in key order, see `util::ordered_map`), so the same registry always encodes
+//! to the same bytes and content-hash versions only change when the configuration does. Clusters, listeners and routes never read instances, so
 //! the caller may recompute only [`endpoints`] when only instances changed.
 //!
 //! What it does not do: any I/O, caching, versioning or serving; those live in `weft-xds-cache`
@@ -20,6 +20,7 @@ mod cluster;
 mod endpoint;
 mod flavor;
 mod listener;
+mod rate_limit;
 mod route;
 mod util;
 
@@ -29,10 +30,11 @@ use envoy_types::pb::envoy::config::listener::v3::Listener;
 use envoy_types::pb::envoy::config::route::v3::RouteConfiguration;
 use weft_registry::Registry;
 
-pub use cluster::clusters;
+pub use cluster::{META_LB_ALGORITHM, META_ZONE_MIN_HEALTHY_PERCENT, WEFT_METADATA, clusters};
 pub use endpoint::{endpoint_assignment, endpoints};
 pub use flavor::Flavor;
 pub use listener::listeners;
+pub use rate_limit::{LOCAL_RATE_LIMIT_FILTER, LOCAL_RATE_LIMIT_STAT_PREFIX, RETRY_AFTER};
 pub use route::routes;
 
 /// Type URL of CDS resources.

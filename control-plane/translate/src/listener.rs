@@ -15,6 +15,7 @@ use envoy_types::pb::envoy::extensions::filters::network::http_connection_manage
 };
 use weft_registry::Registry;
 
+use crate::rate_limit::{LOCAL_RATE_LIMIT_FILTER, listener_filter};
 use crate::util::{ads, pack};
 use crate::{Flavor, HTTP_LISTENER_NAME, Options};
 
@@ -32,7 +33,7 @@ pub fn listeners(reg: &Registry, opts: &Options, flavor: Flavor) -> Vec<Listener
 }
 
 fn http_listener(opts: &Options) -> Listener {
-    let hcm = hcm(HTTP_LISTENER_NAME, HTTP_LISTENER_NAME);
+    let hcm = hcm(HTTP_LISTENER_NAME, HTTP_LISTENER_NAME, Flavor::Envoy);
     Listener {
         name: HTTP_LISTENER_NAME.to_string(),
         address: Some(Address {
@@ -56,7 +57,7 @@ fn http_listener(opts: &Options) -> Listener {
 
 /// No address: a gRPC client listener is a name, not a socket.
 fn api_listener(service: &str) -> Listener {
-    let hcm = hcm(service, service);
+    let hcm = hcm(service, service, Flavor::Grpc);
     Listener {
         name: service.to_string(),
         api_listener: Some(ApiListener {
@@ -66,7 +67,24 @@ fn api_listener(service: &str) -> Listener {
     }
 }
 
-fn hcm(stat_prefix: &str, route_config_name: &str) -> HttpConnectionManager {
+/// Envoy's HCM also carries the local rate limit filter, inactive until a virtual host or route
+/// enables it ([`crate::rate_limit`]); gRPC's gets the router alone, as gRPC clients reject
+/// HTTP filters they do not implement.
+fn hcm(stat_prefix: &str, route_config_name: &str, flavor: Flavor) -> HttpConnectionManager {
+    let mut http_filters = Vec::with_capacity(2);
+    if flavor == Flavor::Envoy {
+        http_filters.push(HttpFilter {
+            name: LOCAL_RATE_LIMIT_FILTER.to_string(),
+            config_type: Some(HttpFilterConfigType::TypedConfig(pack(&listener_filter()))),
+            ..Default::default()
+        });
+    }
+    // The router must be last (both Envoy and gRPC check the terminal filter).
+    http_filters.push(HttpFilter {
+        name: ROUTER_FILTER_NAME.to_string(),
+        config_type: Some(HttpFilterConfigType::TypedConfig(pack(&Router::default()))),
+        ..Default::default()
+    });
     HttpConnectionManager {
         // AUTO sniffs HTTP/1.1 vs h2c per connection, so gRPC and plain HTTP share a port.
         codec_type: CodecType::Auto as i32,
@@ -75,12 +93,7 @@ fn hcm(stat_prefix: &str, route_config_name: &str) -> HttpConnectionManager {
             config_source: Some(ads()),
             route_config_name: route_config_name.to_string(),
         })),
-        // The router must be last (both Envoy and gRPC check the terminal filter).
-        http_filters: vec![HttpFilter {
-            name: ROUTER_FILTER_NAME.to_string(),
-            config_type: Some(HttpFilterConfigType::TypedConfig(pack(&Router::default()))),
-            ..Default::default()
-        }],
+        http_filters,
         ..Default::default()
     }
 }

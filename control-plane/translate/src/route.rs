@@ -19,6 +19,7 @@ use envoy_types::pb::envoy::r#type::matcher::v3::{
 };
 use weft_registry::{Backend, Protocol, Registry, Service};
 
+use crate::rate_limit::per_filter_config;
 use crate::util::{duration, millis, u32v};
 use crate::{Flavor, HTTP_LISTENER_NAME, Options};
 
@@ -103,6 +104,11 @@ fn envoy_virtual_hosts(reg: &Registry) -> Vec<VirtualHost> {
             name: svc.name.clone(),
             domains,
             routes: service_routes(reg, svc, Flavor::Envoy),
+            typed_per_filter_config: reg
+                .policy_for(&svc.name)
+                .and_then(|p| p.rate_limit.as_ref())
+                .map(per_filter_config)
+                .unwrap_or_default(),
             ..Default::default()
         })
         .collect()
@@ -117,10 +123,18 @@ fn service_routes(reg: &Registry, svc: &Service, flavor: Flavor) -> Vec<Route> {
             let Some(m) = route_match(&rule.matches, flavor) else {
                 continue;
             };
+            // A rule's own limit replaces the service's for the requests it matches (Envoy
+            // uses the most specific per-filter config). gRPC clients get none: they reject
+            // per-filter config for filters they lack.
+            let typed_per_filter_config = match (flavor, &rule.rate_limit) {
+                (Flavor::Envoy, Some(rl)) => per_filter_config(rl),
+                _ => Default::default(),
+            };
             out.push(Route {
                 name: format!("{}/{i}", route.name),
                 r#match: Some(m),
                 action: Some(Action::Route(route_action(svc, rule, flavor))),
+                typed_per_filter_config,
                 ..Default::default()
             });
         }

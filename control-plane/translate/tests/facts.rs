@@ -22,10 +22,11 @@ use prost::{Message, Name};
 use weft_registry::Registry;
 use weft_translate::*;
 
-const ALL: [(&str, &str); 4] = [
+const ALL: [(&str, &str); 5] = [
     ("demo", common::DEMO),
     ("routes", common::ROUTES),
     ("policies", common::POLICIES),
+    ("sidecar_policies", common::SIDECAR_POLICIES),
     ("empty", common::EMPTY),
 ];
 
@@ -107,6 +108,9 @@ fn grpc_never_gets_what_grpcio_rejects_or_ignores() {
                 c.name
             );
             assert!(c.typed_extension_protocol_options.is_empty());
+            // Nothing added for the sidecar reaches gRPC clients.
+            assert!(c.metadata.is_none(), "{name}: {} has metadata", c.name);
+            assert!(c.common_lb_config.is_none(), "{name}: {}", c.name);
             if let Some(LbConfig::RingHashLbConfig(rh)) = &c.lb_config {
                 for size in [rh.minimum_ring_size, rh.maximum_ring_size]
                     .into_iter()
@@ -125,11 +129,13 @@ fn grpc_never_gets_what_grpcio_rejects_or_ignores() {
                 {
                     assert!(pct.value <= 100);
                 }
+                assert!(od.max_ejection_time.is_none(), "{name}: {}", c.name);
             }
             if let Some(cb) = &c.circuit_breakers {
                 for t in &cb.thresholds {
                     assert!(t.max_connections.is_none() && t.max_pending_requests.is_none());
                     assert!(t.max_retries.is_none() && t.max_requests.is_some());
+                    assert!(t.retry_budget.is_none());
                 }
             }
         }
@@ -174,7 +180,9 @@ fn grpc_never_gets_what_grpcio_rejects_or_ignores() {
                 }
             }
             for vh in &rc.virtual_hosts {
+                assert!(vh.typed_per_filter_config.is_empty(), "{name}: {}", vh.name);
                 for r in &vh.routes {
+                    assert!(r.typed_per_filter_config.is_empty(), "{name}: {}", r.name);
                     let headers = &r.r#match.as_ref().unwrap().headers;
                     assert!(headers.iter().all(|h| !h.name.starts_with(':')));
                 }
@@ -212,8 +220,17 @@ fn envoy_gets_one_bound_http_listener_and_never_an_api_listener() {
             panic!("{name}: HCM without RDS");
         };
         assert_eq!(rds.route_config_name, HTTP_LISTENER_NAME);
-        assert_eq!(hcm.http_filters.len(), 1);
-        assert_eq!(hcm.http_filters[0].name, "envoy.filters.http.router");
+        // The (inactive) local rate limit filter is always there, so that adding a rate limit
+        // never changes the listener; the router is last.
+        let filters: Vec<&str> = hcm.http_filters.iter().map(|f| f.name.as_str()).collect();
+        assert_eq!(
+            filters,
+            [
+                "envoy.filters.http.local_ratelimit",
+                "envoy.filters.http.router"
+            ],
+            "{name}"
+        );
         let rcs = routes(&reg, &opts, Flavor::Envoy);
         assert_eq!(rcs.len(), 1);
         assert_eq!(rcs[0].name, HTTP_LISTENER_NAME);
@@ -432,6 +449,106 @@ fn translation_is_deterministic() {
             encoded(&translate(&backward, &Options::default(), flavor)),
         );
     }
+}
+
+/// Cluster metadata holds a google.protobuf.Struct, a HashMap in prost that would encode in a
+/// random order per fresh value and per process; every fresh translation must still encode to
+/// the same bytes, with the Struct's keys in sorted order.
+#[test]
+fn struct_metadata_encodes_deterministically() {
+    let reg = common::registry(common::SIDECAR_POLICIES);
+    let first = enc(&clusters(&reg, Flavor::Envoy));
+    for _ in 0..100 {
+        let again = enc(&clusters(
+            &common::registry(common::SIDECAR_POLICIES),
+            Flavor::Envoy,
+        ));
+        assert_eq!(again, first);
+    }
+    let web = clusters(&reg, Flavor::Envoy)
+        .into_iter()
+        .find(|c| c.name == "web")
+        .unwrap();
+    let weft = &web.metadata.as_ref().unwrap().filter_metadata[WEFT_METADATA];
+    let keys: Vec<&str> = weft.fields.keys().map(String::as_str).collect();
+    assert_eq!(keys, [META_LB_ALGORITHM, META_ZONE_MIN_HEALTHY_PERCENT]);
+}
+
+#[test]
+fn envoy_gets_the_sidecar_policies() {
+    use envoy_types::pb::envoy::config::cluster::v3::cluster::common_lb_config::LocalityConfigSpecifier;
+    use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
+    use envoy_types::pb::google::protobuf::value::Kind;
+    let reg = common::registry(common::SIDECAR_POLICIES);
+    let res = translate(&reg, &Options::default(), Flavor::Envoy);
+    let web = res.clusters.iter().find(|c| c.name == "web").unwrap();
+    let weft = &web.metadata.as_ref().unwrap().filter_metadata[WEFT_METADATA];
+    assert_eq!(
+        weft.fields[META_LB_ALGORITHM].kind,
+        Some(Kind::StringValue("peak_ewma".into()))
+    );
+    assert_eq!(
+        weft.fields[META_ZONE_MIN_HEALTHY_PERCENT].kind,
+        Some(Kind::NumberValue(80.0))
+    );
+    let lb = web.common_lb_config.as_ref().unwrap();
+    assert_eq!(lb.healthy_panic_threshold.map(|p| p.value), Some(30.0));
+    let Some(LocalityConfigSpecifier::ZoneAwareLbConfig(za)) = lb.locality_config_specifier else {
+        panic!("no zone-aware config: {lb:?}");
+    };
+    assert_eq!(za.routing_enabled.map(|p| p.value), Some(100.0));
+    let t = &web.circuit_breakers.as_ref().unwrap().thresholds[0];
+    let rb = t.retry_budget.unwrap();
+    assert_eq!(rb.budget_percent.map(|p| p.value), Some(25.0));
+    assert_eq!(rb.min_retry_concurrency.map(|v| v.value), Some(5));
+    let od = web.outlier_detection.as_ref().unwrap();
+    assert_eq!(od.max_ejection_time.map(|d| d.seconds), Some(120));
+
+    // Only a retry budget still makes circuit breakers; zone-aware `enabled: false` is 0%.
+    let greeter = res.clusters.iter().find(|c| c.name == "greeter").unwrap();
+    let t = &greeter.circuit_breakers.as_ref().unwrap().thresholds[0];
+    assert!(t.retry_budget.is_some() && t.max_requests.is_none());
+    let lb = greeter.common_lb_config.as_ref().unwrap();
+    assert!(matches!(
+        lb.locality_config_specifier,
+        Some(LocalityConfigSpecifier::ZoneAwareLbConfig(za))
+            if za.routing_enabled.map(|p| p.value) == Some(0.0)
+    ));
+
+    // No zone_aware: no zone percent; no panic threshold or zone config: no common_lb_config.
+    let api = res.clusters.iter().find(|c| c.name == "api").unwrap();
+    let weft = &api.metadata.as_ref().unwrap().filter_metadata[WEFT_METADATA];
+    assert_eq!(weft.fields.len(), 1);
+    assert!(api.common_lb_config.is_none());
+
+    let limit =
+        |cfg: &std::collections::HashMap<String, envoy_types::pb::google::protobuf::Any>| {
+            cfg.get(LOCAL_RATE_LIMIT_FILTER)
+                .map(|any| LocalRateLimit::decode(any.value.as_slice()).unwrap())
+        };
+    let rc = &res.routes[0];
+    let vh = rc.virtual_hosts.iter().find(|v| v.name == "web").unwrap();
+    let svc = limit(&vh.typed_per_filter_config).expect("per-service limit");
+    let tb = svc.token_bucket.unwrap();
+    assert_eq!(
+        (tb.max_tokens, tb.tokens_per_fill.map(|v| v.value)),
+        (5, Some(5))
+    );
+    assert_eq!(
+        svc.response_headers_to_add[0]
+            .header
+            .as_ref()
+            .unwrap()
+            .value,
+        "10"
+    );
+    let by_name = |n: &str| vh.routes.iter().find(|r| r.name == n).unwrap();
+    let rule = limit(&by_name("web-limits/0").typed_per_filter_config).expect("per-rule limit");
+    assert_eq!(rule.token_bucket.unwrap().max_tokens, 4);
+    assert!(limit(&by_name("web-limits/1").typed_per_filter_config).is_none());
+    assert!(limit(&by_name("default").typed_per_filter_config).is_none());
+    let api_vh = rc.virtual_hosts.iter().find(|v| v.name == "api").unwrap();
+    assert!(api_vh.typed_per_filter_config.is_empty());
 }
 
 #[test]

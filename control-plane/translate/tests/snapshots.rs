@@ -5,12 +5,16 @@
 
 mod common;
 
+use std::collections::HashMap;
 use std::path::PathBuf;
 
 use envoy_types::pb::envoy::config::listener::v3::filter::ConfigType;
+use envoy_types::pb::envoy::extensions::filters::http::local_ratelimit::v3::LocalRateLimit;
 use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::HttpConnectionManager;
+use envoy_types::pb::envoy::extensions::filters::network::http_connection_manager::v3::http_filter::ConfigType as HttpFilterConfigType;
+use envoy_types::pb::google::protobuf::Any;
 use envoy_types::pb::envoy::extensions::upstreams::http::v3::HttpProtocolOptions;
-use prost::Message;
+use prost::{Message, Name};
 use weft_translate::{Flavor, Options, Resources, translate};
 
 /// `{:#?}` of the resources with byte lists on one line, followed by the decoded `Any`
@@ -38,6 +42,22 @@ fn render(res: &Resources) -> String {
             let hcm = HttpConnectionManager::decode(any.value.as_slice()).unwrap();
             out.push_str(&format!("\n// listener {}: {}\n", l.name, any.type_url));
             out.push_str(&compact(&format!("{hcm:#?}")));
+            for f in &hcm.http_filters {
+                if let Some(HttpFilterConfigType::TypedConfig(any)) = &f.config_type {
+                    let what = format!("listener {} http filter {}", l.name, f.name);
+                    render_rate_limit(&mut out, &what, any);
+                }
+            }
+        }
+    }
+    for rc in &res.routes {
+        for vh in &rc.virtual_hosts {
+            let what = format!("route_config {} virtual_host {}", rc.name, vh.name);
+            render_per_filter(&mut out, &what, &vh.typed_per_filter_config);
+            for r in &vh.routes {
+                let what = format!("{what} route {}", r.name);
+                render_per_filter(&mut out, &what, &r.typed_per_filter_config);
+            }
         }
     }
     for c in &res.clusters {
@@ -54,6 +74,25 @@ fn render(res: &Resources) -> String {
     }
     out.push('\n');
     out
+}
+
+fn render_per_filter(out: &mut String, what: &str, configs: &HashMap<String, Any>) {
+    let mut configs: Vec<_> = configs.iter().collect();
+    configs.sort_by_key(|(k, _)| k.as_str());
+    for (key, any) in configs {
+        render_rate_limit(out, &format!("{what}: {key}"), any);
+    }
+}
+
+/// Decodes `any` if it is a LocalRateLimit (the only per-filter config Weft sends); the Router
+/// is empty and needs no rendering.
+fn render_rate_limit(out: &mut String, what: &str, any: &Any) {
+    if any.type_url != LocalRateLimit::type_url() {
+        return;
+    }
+    let decoded = LocalRateLimit::decode(any.value.as_slice()).unwrap();
+    out.push_str(&format!("\n// {what}: {}\n", any.type_url));
+    out.push_str(&compact(&format!("{decoded:#?}")));
 }
 
 /// Joins `[\n 1,\n 2,\n]` runs of integers onto one line.
@@ -143,6 +182,11 @@ fn routes() {
 #[test]
 fn policies() {
     snapshot("policies", common::POLICIES);
+}
+
+#[test]
+fn sidecar_policies() {
+    snapshot("sidecar_policies", common::SIDECAR_POLICIES);
 }
 
 #[test]

@@ -148,4 +148,56 @@ policies:
     circuit_breakers: { max_requests: 7 }
 "#;
 
+/// Every field added for the sidecar (zone-aware routing, panic threshold, rate limits, retry
+/// budget, max ejection time), over HTTP and gRPC services; the gRPC flavour must get none.
+pub const SIDECAR_POLICIES: &str = r#"
+services:
+  - name: web
+    endpoints:
+      - { address: 10.0.0.1, port: 8080, zone: zone-a }
+      - { address: 10.0.0.2, port: 8080, zone: zone-b }
+  - name: greeter
+    protocol: grpc
+    endpoints:
+      - { address: 10.0.1.1, port: 50051 }
+  - name: api
+routes:
+  - name: web-limits
+    service: web
+    rules:
+      - match: { path_prefix: /limited }
+        rate_limit: { requests: 2, per: 1500ms, burst: 4 }
+      - match: { path_prefix: /open }
+  - name: greeter-limits
+    service: greeter
+    rules:
+      - match: { path_prefix: /helloworld.Greeter/ }
+        rate_limit: { requests: 50 }
+policies:
+  - name: web-policy
+    service: web
+    lb: peak_ewma
+    zone_aware: { min_healthy_percent: 80 }
+    panic_threshold: 30
+    rate_limit: { requests: 5, per: 10s }
+    circuit_breakers:
+      max_requests: 100
+      retry_budget: { percent: 25, min_concurrency: 5 }
+    outlier_detection:
+      consecutive_5xx: 3
+      base_ejection_time: 10s
+      max_ejection_time: 2m
+  - name: greeter-policy
+    service: greeter
+    lb: weighted_round_robin
+    zone_aware: { enabled: false }
+    panic_threshold: 0
+    rate_limit: { requests: 100 }
+    circuit_breakers: { retry_budget: {} }
+    outlier_detection: { max_ejection_time: 5m }
+  - name: api-policy
+    service: api
+    lb: ring_hash
+"#;
+
 pub const EMPTY: &str = "";
