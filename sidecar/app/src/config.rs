@@ -85,7 +85,9 @@ pub struct Config {
     pub xds_variant: XdsVariant,
 
     /// Where to register the app: `control-plane` (its registration API), `etcd://host:port
-    /// [,host:port][/prefix]`, `etcds://...` (TLS; see --etcd-ca/--etcd-cert/--etcd-key), or
+    /// [,host:port][/prefix]`, `etcds://...` (TLS; see --etcd-ca/--etcd-cert/--etcd-key),
+    /// `consul://host:port` (the local Consul agent's API, with a TTL check the sidecar keeps
+    /// current; ACL token from CONSUL_HTTP_TOKEN), `consuls://...` (TLS; see --consul-ca...), or
     /// `none` (do not register).
     #[arg(long, env = "WEFT_REGISTER", default_value = "control-plane")]
     pub register: String,
@@ -101,6 +103,18 @@ pub struct Config {
     /// Client key (PEM) for etcd mTLS (`etcds://` only); needs --etcd-cert.
     #[arg(long, env = "WEFT_ETCD_KEY", requires = "etcd_cert")]
     pub etcd_key: Option<PathBuf>,
+
+    /// CA certificate (PEM) that signs the Consul agent's certificate (`consuls://` only).
+    #[arg(long, env = "WEFT_CONSUL_CA")]
+    pub consul_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for the Consul agent (`consuls://` only); needs --consul-key.
+    #[arg(long, env = "WEFT_CONSUL_CERT", requires = "consul_key")]
+    pub consul_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for the Consul agent (`consuls://` only); needs --consul-cert.
+    #[arg(long, env = "WEFT_CONSUL_KEY", requires = "consul_cert")]
+    pub consul_key: Option<PathBuf>,
 
     /// Lifetime of the registration without keepalives: if the sidecar dies, the instance
     /// leaves the registry after this long.
@@ -210,6 +224,7 @@ impl Config {
             return Err("--health-timeout must be above zero".into());
         }
         let tls_files = self.etcd_ca.is_some() || self.etcd_cert.is_some();
+        let consul_tls_files = self.consul_ca.is_some() || self.consul_cert.is_some();
         let backend = match self.register.as_str() {
             "none" => None,
             value => {
@@ -221,7 +236,17 @@ impl Config {
                         cert.clone_from(&self.etcd_cert);
                         key.clone_from(&self.etcd_key);
                     }
-                    _ if tls_files => {
+                    Backend::Consul { ca, cert, key, .. } if value.starts_with("consuls://") => {
+                        ca.clone_from(&self.consul_ca);
+                        cert.clone_from(&self.consul_cert);
+                        key.clone_from(&self.consul_key);
+                    }
+                    _ if consul_tls_files => {
+                        return Err(format!(
+                            "--consul-ca/--consul-cert/--consul-key need --register consuls://..., not `{value}`"
+                        ));
+                    }
+                    _ if tls_files && !value.starts_with("etcds://") => {
                         return Err(format!(
                             "--etcd-ca/--etcd-cert/--etcd-key need --register etcds://..., not `{value}`"
                         ));
@@ -233,6 +258,11 @@ impl Config {
         };
         if backend.is_none() && tls_files {
             return Err("--etcd-ca/--etcd-cert/--etcd-key need --register etcds://...".into());
+        }
+        if backend.is_none() && consul_tls_files {
+            return Err(
+                "--consul-ca/--consul-cert/--consul-key need --register consuls://...".into(),
+            );
         }
         let (control_plane_host, control_plane_port) = split_control_plane(&self.control_plane)?;
         let mut metadata = BTreeMap::new();

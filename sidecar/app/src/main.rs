@@ -647,6 +647,22 @@ fn describe_backend(b: &Backend) -> serde_json::Value {
             "prefix": prefix,
             "tls": ca.is_some() || cert.is_some(),
         }),
+        Backend::Consul {
+            addr,
+            token,
+            datacenter,
+            check,
+            deregister_after,
+            ..
+        } => serde_json::json!({
+            "kind": "consul",
+            "addr": addr,
+            "token": token.is_some(),
+            "datacenter": datacenter,
+            "tls": addr.starts_with("https://"),
+            "check": format!("{check:?}"),
+            "deregister_after": deregister_after.map(|d| humantime::format_duration(d).to_string()),
+        }),
     }
 }
 

@@ -3,33 +3,71 @@
 //! What it does: once the app is healthy, registers one instance (service, address, port, zone,
 //! protocol, metadata) with the chosen backend and keeps it alive: the control plane's
 //! Registration API (register, heartbeat within the TTL, health updates, re-register when the
-//! control plane has forgotten the instance) or etcd (a lease kept alive by the sidecar, the
+//! control plane has forgotten the instance), etcd (a lease kept alive by the sidecar, the
 //! instance key written under it in a fenced transaction so a stale sidecar cannot overwrite a
-//! newer one). Health changes are pushed at once; deregistration removes the entry. If the
-//! sidecar dies, the entry disappears after its TTL.
+//! newer one) or a Consul agent (see below). Health changes are pushed at once; deregistration
+//! removes the entry. If the sidecar dies, the entry disappears after its TTL.
 //!
 //! What it does not do: probe health (weft-health-check does), decide when to drain (the
 //! binary does), or write the service's protocol to etcd (`<prefix>/service-config/<service>`
 //! is shared by every instance, so it is left to the operator; the Registration API carries
 //! the protocol with each registration).
 //!
+//! ## Consul
+//!
+//! `--register consul://host:port` (`consuls://` for HTTPS; a bare `consul://` means the local
+//! agent at `127.0.0.1:8500`) registers through the *agent* API
+//! (`PUT /v1/agent/service/register`), never the catalog API: the agent's anti-entropy would
+//! undo catalog writes it does not know about, and only the agent runs checks and reaps.
+//!
+//! - The entry: `ID` = instance id, `Name` = service, `Address`, `Port`, `Tags` `weft` (and
+//!   `grpc` for gRPC apps), `Meta` = the instance metadata plus `zone` and `protocol`,
+//!   `Weights {Passing: weight, Warning: 1}`.
+//! - The check ([`ConsulCheck`]), always with `DeregisterCriticalServiceAfter` (default: 3x the
+//!   TTL, at least one minute, which is also Consul's own minimum) and an explicit initial
+//!   `Status` from the current health, so a new entry is neither briefly critical nor passing
+//!   before the app is. The default is a TTL check (`service:<id>`) that the sidecar updates
+//!   (`PUT /v1/agent/check/update/service:<id>`) every TTL/3 and at once on a health change:
+//!   Healthy is `passing`, Unhealthy `critical`, Draining `critical` with output `draining`
+//!   (Consul-aware clients stop picking a critical instance; maintenance mode would say the
+//!   same with a second check to clean up). With an HTTP or gRPC check Consul probes the app
+//!   itself and the sidecar's health only decides the first registration and the initial status.
+//! - An agent that lost its state (restarted without a data dir, or reaped the entry after it
+//!   was critical for `DeregisterCriticalServiceAfter`, e.g. a long-unhealthy app) answers 404
+//!   to the check update or to `GET /v1/agent/service/<id>` (polled every TTL/3 when there is no
+//!   TTL check); the sidecar then registers again. Other errors are retried with jittered
+//!   backoff capped at TTL/3.
+//! - Deregistration: `PUT /v1/agent/service/deregister/<id>`. A killed sidecar's TTL check goes
+//!   critical after one TTL and the agent reaps the entry after `DeregisterCriticalServiceAfter`.
+//! - The ACL token is read from `CONSUL_HTTP_TOKEN` (Consul's own convention; a command-line
+//!   flag would show in `ps`) by [`Backend::parse`] and sent as `X-Consul-Token`. A datacenter
+//!   is accepted but not sent: agent endpoints act on the local agent and do not take `?dc=`.
+//!
 //! ## Interface contract (shared with the sidecar binary; keep it stable)
 
 use std::collections::BTreeMap;
 use std::net::IpAddr;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use tokio::sync::{oneshot, watch};
 use tokio::task::JoinHandle;
 
+mod consul;
 mod control_plane;
 mod etcd;
 
 /// Key prefix when `etcd://` names none; the control plane's `--etcd-prefix` default.
 pub const DEFAULT_ETCD_PREFIX: &str = "/weft";
 
+/// The Consul agent a bare `consul://` names: the local one, as Consul's own CLI assumes.
+pub const DEFAULT_CONSUL_ADDR: &str = "127.0.0.1:8500";
+
+/// Where Consul's ACL token comes from (read by [`Backend::parse`]).
+pub const CONSUL_TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
+
 /// Where to register.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub enum Backend {
     /// The control plane's Registration API at `http://host:port` (its xDS port).
     ControlPlane { endpoint: String },
@@ -41,6 +79,81 @@ pub enum Backend {
         cert: Option<std::path::PathBuf>,
         key: Option<std::path::PathBuf>,
     },
+    /// A Consul agent's HTTP API (see the crate doc).
+    Consul {
+        /// `http://host:port` or `https://host:port`.
+        addr: String,
+        /// ACL token, sent as `X-Consul-Token`. Never shown by `Debug`.
+        token: Option<String>,
+        /// Accepted for symmetry with Consul's other clients but not sent: agent endpoints only
+        /// act on the local agent's datacenter.
+        datacenter: Option<String>,
+        /// TLS (`https://` only): CA file (default: the system's roots), client cert and key.
+        ca: Option<PathBuf>,
+        cert: Option<PathBuf>,
+        key: Option<PathBuf>,
+        check: ConsulCheck,
+        /// The check's `DeregisterCriticalServiceAfter`; `None`: 3x the TTL, at least 1 minute.
+        deregister_after: Option<Duration>,
+    },
+}
+
+/// Which check the Consul registration carries.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum ConsulCheck {
+    /// A TTL check (the instance TTL) that the sidecar keeps updated from its own health.
+    #[default]
+    Ttl,
+    /// Consul GETs `url` every `interval`.
+    Http { url: String, interval: Duration },
+    /// Consul calls the gRPC health service at `target` (`host:port[/service]`) every `interval`.
+    Grpc { target: String, interval: Duration },
+}
+
+impl std::fmt::Debug for Backend {
+    // By hand so that the Consul token never reaches a log line.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Backend::ControlPlane { endpoint } => f
+                .debug_struct("ControlPlane")
+                .field("endpoint", endpoint)
+                .finish(),
+            Backend::Etcd {
+                endpoints,
+                prefix,
+                ca,
+                cert,
+                key,
+            } => f
+                .debug_struct("Etcd")
+                .field("endpoints", endpoints)
+                .field("prefix", prefix)
+                .field("ca", ca)
+                .field("cert", cert)
+                .field("key", key)
+                .finish(),
+            Backend::Consul {
+                addr,
+                token,
+                datacenter,
+                ca,
+                cert,
+                key,
+                check,
+                deregister_after,
+            } => f
+                .debug_struct("Consul")
+                .field("addr", addr)
+                .field("token", &token.as_ref().map(|_| "<redacted>"))
+                .field("datacenter", datacenter)
+                .field("ca", ca)
+                .field("cert", cert)
+                .field("key", key)
+                .field("check", check)
+                .field("deregister_after", deregister_after)
+                .finish(),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
@@ -52,8 +165,21 @@ pub struct ParseBackendError {
 
 impl Backend {
     /// `control-plane` (uses `control_plane` as the endpoint), `etcd://host:port[,host:port]
-    /// [/prefix]` (prefix default `/weft`), `etcds://...` for TLS (files from the caller).
+    /// [/prefix]` (prefix default `/weft`), `etcds://...` for TLS (files from the caller),
+    /// `consul://[host:port]` (default `127.0.0.1:8500`), `consuls://...` for HTTPS. Consul gets a
+    /// TTL check and its ACL token from the `CONSUL_HTTP_TOKEN` environment variable (unset or
+    /// empty: none); the caller may change the check, datacenter and TLS files afterwards.
     pub fn parse(value: &str, control_plane: &str) -> Result<Backend, ParseBackendError> {
+        let token = std::env::var(CONSUL_TOKEN_ENV).ok();
+        Backend::parse_with_token(value, control_plane, token)
+    }
+
+    /// [`Backend::parse`] with the Consul token given rather than read from the environment.
+    pub fn parse_with_token(
+        value: &str,
+        control_plane: &str,
+        consul_token: Option<String>,
+    ) -> Result<Backend, ParseBackendError> {
         let err = |reason: String| ParseBackendError {
             value: value.to_string(),
             reason,
@@ -66,14 +192,45 @@ impl Backend {
                 endpoint: control_plane.to_string(),
             });
         }
+        let consul = if let Some(rest) = value.strip_prefix("consul://") {
+            Some(("http", rest))
+        } else {
+            value.strip_prefix("consuls://").map(|rest| ("https", rest))
+        };
+        if let Some((scheme, rest)) = consul {
+            // One agent, no path: agent endpoints have fixed paths and a sidecar talks to one.
+            let host = rest.strip_suffix('/').unwrap_or(rest);
+            let host = if host.is_empty() {
+                DEFAULT_CONSUL_ADDR
+            } else {
+                host
+            };
+            if host.contains(['/', ',', '?', '@']) {
+                return Err(err(format!(
+                    "`{host}` is not host:port (one agent, no path, query or credentials; \
+                     the token comes from {CONSUL_TOKEN_ENV})"
+                )));
+            }
+            check_host_port(host).map_err(err)?;
+            return Ok(Backend::Consul {
+                addr: format!("{scheme}://{host}"),
+                token: consul_token.filter(|t| !t.trim().is_empty()),
+                datacenter: None,
+                ca: None,
+                cert: None,
+                key: None,
+                check: ConsulCheck::Ttl,
+                deregister_after: None,
+            });
+        }
         let (scheme, rest) = if let Some(rest) = value.strip_prefix("etcd://") {
             ("http", rest)
         } else if let Some(rest) = value.strip_prefix("etcds://") {
             ("https", rest)
         } else {
             return Err(err(
-                "expected `control-plane`, `etcd://host:port[,host:port...][/prefix]` or \
-                 `etcds://...`"
+                "expected `control-plane`, `etcd://host:port[,host:port...][/prefix]`, \
+                 `etcds://...`, `consul://[host:port]` or `consuls://...`"
                     .into(),
             ));
         };
@@ -93,15 +250,7 @@ impl Backend {
         }
         let mut endpoints = Vec::new();
         for host in hosts.split(',') {
-            let (h, port) = host
-                .rsplit_once(':')
-                .ok_or_else(|| err(format!("endpoint `{host}` needs host:port")))?;
-            let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
-            if h.is_empty() || !port_ok {
-                return Err(err(format!(
-                    "endpoint `{host}` needs host:port with a port in 1..=65535"
-                )));
-            }
+            check_host_port(host).map_err(err)?;
             endpoints.push(format!("{scheme}://{host}"));
         }
         Ok(Backend::Etcd {
@@ -112,6 +261,20 @@ impl Backend {
             key: None,
         })
     }
+}
+
+/// `host:port` with a non-empty host and a port in 1..=65535.
+fn check_host_port(host: &str) -> Result<(), String> {
+    let (h, port) = host
+        .rsplit_once(':')
+        .ok_or_else(|| format!("endpoint `{host}` needs host:port"))?;
+    let port_ok = port.parse::<u16>().is_ok_and(|p| p != 0);
+    if h.is_empty() || !port_ok {
+        return Err(format!(
+            "endpoint `{host}` needs host:port with a port in 1..=65535"
+        ));
+    }
+    Ok(())
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
@@ -293,6 +456,25 @@ async fn run(backend: Backend, mut ctx: Ctx, mut stop: oneshot::Receiver<Reply>)
             let tls = etcd::TlsFiles { ca, cert, key };
             etcd::run(endpoints, prefix, tls, ctx, stop).await;
         }
+        Backend::Consul {
+            addr,
+            token,
+            datacenter: _,
+            ca,
+            cert,
+            key,
+            check,
+            deregister_after,
+        } => {
+            let conf = consul::Config {
+                addr,
+                token,
+                tls: etcd::TlsFiles { ca, cert, key },
+                check,
+                deregister_after,
+            };
+            consul::run(conf, ctx, stop).await;
+        }
     }
 }
 
@@ -327,6 +509,13 @@ pub enum RegisterError {
     },
     #[error("etcd key {key} is held by another sidecar (lease {holder}); not overwriting it")]
     Fenced { key: String, holder: i64 },
+    /// A Consul agent answered with an error status.
+    #[error("consul {url}: HTTP {status}: {body}")]
+    Consul {
+        url: String,
+        status: u16,
+        body: String,
+    },
     #[error("deregistration timed out after {0:?}")]
     Timeout(Duration),
 }
@@ -376,7 +565,12 @@ mod tests {
     #[test]
     fn parse_errors_name_the_value() {
         for (value, reason) in [
-            ("consul://x:1", "expected `control-plane`"),
+            ("zk://x:1", "expected `control-plane`"),
+            ("consul://x", "needs host:port"),
+            ("consul://x:0", "port in 1..=65535"),
+            ("consul://a:1,b:2", "one agent"),
+            ("consul://a:1/v1", "one agent"),
+            ("consul://tok@a:1", "CONSUL_HTTP_TOKEN"),
             ("etcd://", "needs host:port"),
             ("etcd://h", "needs host:port"),
             ("etcd://h:0", "port in 1..=65535"),
@@ -392,6 +586,52 @@ mod tests {
             assert!(text.contains(reason), "{value}: {text}");
         }
         assert!(Backend::parse("control-plane", "").is_err());
+    }
+
+    fn consul(addr: &str, token: Option<&str>) -> Backend {
+        Backend::Consul {
+            addr: addr.into(),
+            token: token.map(Into::into),
+            datacenter: None,
+            ca: None,
+            cert: None,
+            key: None,
+            check: ConsulCheck::Ttl,
+            deregister_after: None,
+        }
+    }
+
+    #[test]
+    fn parses_consul_with_the_token_given() {
+        let cases = [
+            ("consul://h:8500", None, consul("http://h:8500", None)),
+            ("consul://", None, consul("http://127.0.0.1:8500", None)),
+            ("consul:///", None, consul("http://127.0.0.1:8500", None)),
+            ("consul://h:1/", None, consul("http://h:1", None)),
+            (
+                "consuls://[::1]:8501",
+                None,
+                consul("https://[::1]:8501", None),
+            ),
+            (
+                "consul://h:8500",
+                Some("s3cret"),
+                consul("http://h:8500", Some("s3cret")),
+            ),
+            // An empty variable means no token, as for Consul's own CLI.
+            ("consul://h:8500", Some(" "), consul("http://h:8500", None)),
+        ];
+        for (value, token, want) in cases {
+            let got = Backend::parse_with_token(value, "", token.map(Into::into));
+            assert_eq!(got, Ok(want), "{value}");
+        }
+    }
+
+    #[test]
+    fn debug_hides_the_consul_token() {
+        let text = format!("{:?}", consul("http://h:1", Some("s3cret")));
+        assert!(!text.contains("s3cret"), "{text}");
+        assert!(text.contains("redacted"), "{text}");
     }
 
     #[test]
