@@ -22,9 +22,9 @@ pub(crate) struct Endpoint {
 }
 
 impl Endpoint {
-    pub(crate) fn new(seed_ns: f64) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            state: Mutex::new(EpState::new(seed_ns)),
+            state: Mutex::new(EpState::new()),
         }
     }
 }
@@ -46,10 +46,10 @@ pub(crate) struct EpState {
 }
 
 impl EpState {
-    fn new(seed_ns: f64) -> Self {
+    fn new() -> Self {
         Self {
             in_flight: 0,
-            ewma: PeakEwma::new(seed_ns),
+            ewma: PeakEwma::new(),
             active_healthy: None,
             wrr_current: 0,
             consecutive_5xx: 0,
@@ -132,8 +132,7 @@ impl EpState {
 #[derive(Debug, Clone)]
 pub(crate) struct PeakEwma {
     est_ns: f64,
-    seed_ns: f64,
-    /// `None` until the endpoint is first picked: the seed has no age before that.
+    /// When `est_ns` was last set; it decays towards zero from there.
     at: Option<Instant>,
     observed: bool,
 }
@@ -143,53 +142,49 @@ fn decay_weight(elapsed: Duration) -> f64 {
 }
 
 impl PeakEwma {
-    pub(crate) fn new(seed_ns: f64) -> Self {
+    pub(crate) fn new() -> Self {
         Self {
-            est_ns: seed_ns,
-            seed_ns,
+            est_ns: 0.0,
             at: None,
             observed: false,
         }
     }
 
-    /// Starts the clock on the seed, so the first observation is weighed against how long the
-    /// endpoint has been in use rather than replacing the seed outright.
-    pub(crate) fn touch(&mut self, now: Instant) {
-        if self.at.is_none() {
-            self.at = Some(now);
-        }
-    }
+    /// Kept for the pick path's symmetry; an unobserved endpoint has no clock to start.
+    pub(crate) fn touch(&mut self, _now: Instant) {}
 
     pub(crate) fn has_observations(&self) -> bool {
         self.observed
     }
 
-    pub(crate) fn raw_ns(&self) -> f64 {
-        self.est_ns
-    }
-
-    /// Estimate at `now`, in nanoseconds.
-    pub(crate) fn get(&self, now: Instant) -> f64 {
-        match self.at {
-            None => self.est_ns,
-            Some(at) => {
-                let w = decay_weight(now.saturating_duration_since(at));
-                self.seed_ns + (self.est_ns - self.seed_ns) * w
-            }
+    /// Estimate at `now`, in nanoseconds. An endpoint never observed costs `prior` (the
+    /// cluster's current median): a fixed seed would either make it look free and flood it, or,
+    /// once its peers had answered faster than the seed, make it lose every comparison and never
+    /// be tried at all. Observed estimates decay towards zero between observations (as tower's),
+    /// so an endpoint that was slow once, or simply idle, is eventually probed again.
+    pub(crate) fn get(&self, now: Instant, prior: f64) -> f64 {
+        match (self.observed, self.at) {
+            (true, Some(at)) => self.est_ns * decay_weight(now.saturating_duration_since(at)),
+            _ => prior,
         }
     }
 
     pub(crate) fn observe(&mut self, rtt: Duration, now: Instant) {
         let rtt_ns = rtt.as_secs_f64() * 1e9;
-        let current = self.get(now);
-        if rtt_ns > current {
+        if !self.observed {
+            // The first observation replaces the prior outright: it is the only real data.
             self.est_ns = rtt_ns;
         } else {
-            let elapsed = self
-                .at
-                .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
-            let w = decay_weight(elapsed);
-            self.est_ns = current * w + rtt_ns * (1.0 - w);
+            let current = self.get(now, rtt_ns);
+            if rtt_ns > current {
+                self.est_ns = rtt_ns;
+            } else {
+                let elapsed = self
+                    .at
+                    .map_or(Duration::ZERO, |at| now.saturating_duration_since(at));
+                let w = decay_weight(elapsed);
+                self.est_ns = current * w + rtt_ns * (1.0 - w);
+            }
         }
         self.observed = true;
         // Concurrent finishers may report slightly older instants; never move the clock back.

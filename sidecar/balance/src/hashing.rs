@@ -65,23 +65,26 @@ impl HashTable {
 /// entries proportional to its weight and at least `min_ring_size` entries in all.
 ///
 /// Unlike Envoy, which scales entries by the smallest normalised weight (so one member leaving
-/// changes everyone's entry count and moves keys between survivors), entries per unit of
-/// weight are a power of two: a membership change leaves the other members' entries untouched
-/// unless the total weight crosses a power-of-two boundary, and only the leaver's keys move.
+/// changes everyone's entry count and moves keys between survivors), each member gets a fixed
+/// [`RING_POINTS_PER_WEIGHT`] entries per unit of weight, whatever the others: a membership
+/// change leaves the other members' entries untouched and only the leaver's keys move. The
+/// count is raised (doubling) only when the whole ring would fall short of `min_ring_size`
+/// (total weight below 2 with the default 1,024), and lowered only above the maximum ring size;
+/// only across those bounds do survivors' keys move. The cost is memory: 16 bytes per entry,
+/// 8 KiB per unit-weight endpoint.
+/// Ring entries per unit of weight; see [`build_ring`]. Enough that 3 equal members already fill
+/// Envoy's default minimum ring (1,024), so ordinary scale-downs never resize survivors.
+pub(crate) const RING_POINTS_PER_WEIGHT: f64 = 512.0;
+
 pub(crate) fn build_ring(members: &[HashMember], min_ring_size: u64) -> HashTable {
     let total: u64 = members.iter().map(|m| u64::from(m.weight)).sum();
     if members.is_empty() || total == 0 {
         return HashTable::Ring(Vec::new());
     }
     let min_ring = min_ring_size.clamp(1, MAX_RING_SIZE);
-    // Smallest power of two (possibly below one) with total x per_weight >= min_ring, then
-    // halved while the ring would exceed the maximum.
-    let mut per_weight = 1.0_f64;
+    let mut per_weight = RING_POINTS_PER_WEIGHT;
     while (total as f64) * per_weight < min_ring as f64 {
         per_weight *= 2.0;
-    }
-    while (total as f64) * per_weight / 2.0 >= min_ring as f64 {
-        per_weight /= 2.0;
     }
     while (total as f64) * per_weight > MAX_RING_SIZE as f64 && per_weight > f64::MIN_POSITIVE {
         per_weight /= 2.0;

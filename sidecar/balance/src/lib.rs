@@ -15,14 +15,16 @@
 //! [`Balancer::set_active_health`], membership through [`Balancer::update`].
 //!
 //! Notes on the algorithms:
-//! - Peak EWMA follows linkerd/tower (10 s time constant, 30 ms default seed); between
-//!   observations the estimate relaxes towards the endpoint's seed, so an endpoint that was
-//!   slow once is eventually tried again. A gateway failure counts as at least 1 s of latency.
+//! - Peak EWMA follows linkerd/tower (10 s time constant); between observations the estimate
+//!   decays towards zero, so an endpoint that was slow once, or idle, is eventually tried again.
+//!   An endpoint never observed costs the cluster's current median estimate (30 ms when nothing
+//!   is observed yet): neither free (flooded) nor dearer than every tried peer (never tried).
+//!   A gateway failure counts as at least 1 s of latency.
 //! - Ring hash and Maglev tables are built over the non-draining members on membership change
 //!   only; a lookup landing on an unusable (unhealthy, ejected, excluded, other-zone) member
 //!   walks on to the next usable entry, so other members' keys never move. The ring gives each
-//!   member a power-of-two number of entries per unit of weight (Envoy scales by the lightest
-//!   member instead), so one member leaving moves only its own keys.
+//!   member a fixed 512 entries per unit of weight (Envoy scales by the lightest member
+//!   instead), so one member leaving moves only its own keys.
 //! - Outlier ejection counts decay by one per `base_ejection_time` spent un-ejected.
 //!
 //! ## Interface contract (shared with weft-sidecar-config and weft-proxy; keep it stable)
@@ -321,14 +323,12 @@ impl Balancer {
     }
 
     /// Replaces the membership. Endpoints that stay (same address) keep their state (EWMA,
-    /// in-flight, ejection); new ones start with a neutral EWMA seed, not zero, so a new
-    /// endpoint does not look free and get flooded.
+    /// in-flight, ejection); new ones are unobserved, costing the cluster's median estimate
+    /// until their first response (see the crate notes on peak EWMA).
     ///
-    /// The seed is the median estimate of the endpoints already observed (30 ms when none
-    /// are). A repeated address keeps its first spec; weight 0 counts as 1.
+    /// A repeated address keeps its first spec; weight 0 counts as 1.
     pub fn update(&self, endpoints: Vec<EndpointSpec>) {
         let mut inner = lock(&self.shared);
-        let seed_ns = inner.median_ewma_ns();
         let mut old: std::collections::HashMap<SocketAddr, Arc<Endpoint>> = inner
             .members
             .drain(..)
@@ -343,7 +343,7 @@ impl Balancer {
             spec.weight = spec.weight.max(1);
             let endpoint = old
                 .remove(&spec.addr)
-                .unwrap_or_else(|| Arc::new(Endpoint::new(seed_ns)));
+                .unwrap_or_else(|| Arc::new(Endpoint::new()));
             members.push(Member { spec, endpoint });
         }
         members.sort_by_key(|m| m.spec.addr);
@@ -386,6 +386,7 @@ impl Balancer {
     /// Per-endpoint state for `/debug/endpoints`, sorted by address.
     pub fn status(&self, now: Instant) -> Vec<EndpointStatus> {
         let inner = lock(&self.shared);
+        let prior = inner.median_ewma_ns(now);
         inner
             .members
             .iter()
@@ -399,7 +400,7 @@ impl Balancer {
                     health: m.spec.health,
                     active_healthy: st.active_healthy,
                     in_flight: st.in_flight,
-                    ewma_ms: st.ewma.get(now) / 1e6,
+                    ewma_ms: st.ewma.get(now, prior) / 1e6,
                     ejected: st.is_ejected(),
                     ejections: st.ejections,
                     ejected_for_ms: st.ejected_until.map(|end| {
@@ -450,13 +451,14 @@ impl Inner {
             .map(|i| &self.members[i])
     }
 
-    fn median_ewma_ns(&self) -> f64 {
+    /// What an endpoint never observed costs: the median of the observed estimates at `now`.
+    fn median_ewma_ns(&self, now: Instant) -> f64 {
         let mut observed: Vec<f64> = self
             .members
             .iter()
             .filter_map(|m| {
                 let st = lock(&m.endpoint.state);
-                st.ewma.has_observations().then(|| st.ewma.raw_ns())
+                st.ewma.has_observations().then(|| st.ewma.get(now, 0.0))
             })
             .collect();
         if observed.is_empty() {
@@ -576,7 +578,10 @@ impl Inner {
             Algorithm::Random => self.weighted_draw(&pool, None),
             Algorithm::LeastRequest => self.p2c(&pool, |st| st.in_flight as f64),
             Algorithm::PeakEwma => {
-                self.p2c(&pool, |st| st.ewma.get(now) * (st.in_flight as f64 + 1.0))
+                let prior = self.median_ewma_ns(now);
+                self.p2c(&pool, |st| {
+                    st.ewma.get(now, prior) * (st.in_flight as f64 + 1.0)
+                })
             }
             Algorithm::RingHash { .. } | Algorithm::Maglev { .. } => {
                 let Some(hash) = hash else {
