@@ -1334,6 +1334,793 @@ impl Etcd {
     }
 }
 
+// ---------------------------------------------------------------------------------------------
+// HTTP requests with headers, raw bytes, and demo-backend controls
+// ---------------------------------------------------------------------------------------------
+
+/// `method path` on 127.0.0.1:`port` over a fresh HTTP/1.1 connection (like [`http_get`]), with
+/// an optional Host header (default `127.0.0.1:<port>`) and extra headers. 10 s timeout.
+pub async fn http_request(
+    port: u16,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpReply> {
+    http_request_timeout(port, method, host, path, headers, Duration::from_secs(10)).await
+}
+
+/// [`http_request`] with a caller-chosen timeout.
+pub async fn http_request_timeout(
+    port: u16,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    headers: &[(&str, &str)],
+    timeout: Duration,
+) -> Result<HttpReply> {
+    tokio::time::timeout(
+        timeout,
+        http_request_inner(port, method, host, path, headers),
+    )
+    .await
+    .map_err(|_| anyhow!("{method} http://127.0.0.1:{port}{path} timed out after {timeout:?}"))?
+}
+
+async fn http_request_inner(
+    port: u16,
+    method: &str,
+    host: Option<&str>,
+    path: &str,
+    headers: &[(&str, &str)],
+) -> Result<HttpReply> {
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    let (mut sender, conn) =
+        hyper::client::conn::http1::handshake(hyper_util::rt::TokioIo::new(stream)).await?;
+    let driver = tokio::spawn(conn);
+    let host = host
+        .map(str::to_string)
+        .unwrap_or_else(|| format!("127.0.0.1:{port}"));
+    let mut req = http::Request::builder()
+        .method(method)
+        .uri(path)
+        .header(http::header::HOST, host)
+        .header(http::header::CONNECTION, "close");
+    for (k, v) in headers {
+        req = req.header(*k, *v);
+    }
+    let req = req.body(Empty::<Bytes>::new())?;
+    let resp = sender
+        .send_request(req)
+        .await
+        .with_context(|| format!("{method} {path} on 127.0.0.1:{port}"))?;
+    let status = resp.status().as_u16();
+    let headers = resp.headers().clone();
+    let body = resp.into_body().collect().await?.to_bytes();
+    driver.abort();
+    Ok(HttpReply {
+        status,
+        headers,
+        body: String::from_utf8_lossy(&body).into_owned(),
+    })
+}
+
+/// What a server sent back on a raw TCP connection.
+#[derive(Debug, Clone)]
+pub struct RawReply {
+    /// Everything read (lossy UTF-8).
+    pub text: String,
+    /// The server closed the connection (EOF or reset) before the read timeout.
+    pub closed: bool,
+    /// An error writing or reading (e.g. a reset), if any.
+    pub error: Option<String>,
+}
+
+impl RawReply {
+    /// The status code of the first HTTP/1.x status line, if one was received.
+    pub fn status(&self) -> Option<u16> {
+        let line = self.text.lines().next()?;
+        let mut parts = line.split_whitespace();
+        let version = parts.next()?;
+        if !version.starts_with("HTTP/") {
+            return None;
+        }
+        parts.next()?.parse().ok()
+    }
+}
+
+/// Connects to 127.0.0.1:`port`, writes `bytes` (write errors are recorded, not fatal: a server
+/// may close early), then reads until the server closes the connection or `read_timeout` passes.
+pub async fn raw_exchange(port: u16, bytes: &[u8], read_timeout: Duration) -> Result<RawReply> {
+    use tokio::io::AsyncReadExt;
+    let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .with_context(|| format!("connecting to 127.0.0.1:{port}"))?;
+    let mut error = None;
+    if let Err(e) = stream.write_all(bytes).await {
+        error = Some(format!("write: {e}"));
+    }
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 8192];
+    let deadline = tokio::time::Instant::now() + read_timeout;
+    let mut closed = false;
+    loop {
+        match tokio::time::timeout_at(deadline, stream.read(&mut chunk)).await {
+            Err(_) => break,
+            Ok(Ok(0)) => {
+                closed = true;
+                break;
+            }
+            Ok(Ok(n)) => buf.extend_from_slice(&chunk[..n]),
+            Ok(Err(e)) => {
+                closed = true;
+                error = Some(format!("read: {e}"));
+                break;
+            }
+        }
+    }
+    Ok(RawReply {
+        text: String::from_utf8_lossy(&buf).into_owned(),
+        closed,
+        error,
+    })
+}
+
+impl Backends {
+    /// `POST /control/<what>` on HTTP backend `name` (e.g. `what = "health?status=fail"`);
+    /// errors unless it answers 200.
+    pub async fn control(&self, name: &str, what: &str) -> Result<()> {
+        let port = self.port(name)?;
+        let path = format!("/control/{what}");
+        let r = http_request(port, "POST", None, &path, &[]).await?;
+        ensure!(
+            r.status == 200,
+            "backend {name} POST {path}: {} {}",
+            r.status,
+            r.body
+        );
+        Ok(())
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The sidecar
+// ---------------------------------------------------------------------------------------------
+
+/// What [`Sidecar::start`] waits for before returning.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum SidecarWait {
+    /// `/readyz` answers 200 (xDS synced, app healthy unless `--app-health none`).
+    Ready,
+    /// `/healthz` answers 200 (the admin port is up).
+    Live,
+    /// Only that the process was spawned.
+    Nothing,
+}
+
+/// The command line of one `weft-sidecar`; ports for inbound/outbound/admin are chosen by
+/// [`Sidecar::start`]. Build with [`SidecarArgs::server`] or [`SidecarArgs::client`], then the
+/// builder methods.
+#[derive(Debug, Clone)]
+pub struct SidecarArgs {
+    /// Process name (log file `<name>.log`) and, unless `instance_id` is set, the instance id.
+    pub name: String,
+    /// `--control-plane`, e.g. `http://127.0.0.1:18000`.
+    pub control_plane: String,
+    pub service: String,
+    pub app_port: u16,
+    /// `http` or `grpc`.
+    pub app_protocol: String,
+    /// `http:/path`, `tcp`, `grpc`, `none`.
+    pub app_health: String,
+    pub health_interval: String,
+    pub health_timeout: String,
+    pub health_rise: u32,
+    pub health_fall: u32,
+    pub variant: Variant,
+    /// `--register`; `None` leaves the sidecar's default (`control-plane`).
+    pub register: Option<String>,
+    pub registration_ttl: Option<String>,
+    pub instance_id: Option<String>,
+    pub zone: Option<String>,
+    pub weight: Option<u32>,
+    pub otlp_endpoint: Option<String>,
+    pub drain_delay: String,
+    pub shutdown_grace: String,
+    pub extra: Vec<String>,
+    pub wait: SidecarWait,
+}
+
+impl SidecarArgs {
+    /// A sidecar in front of app `app_port` of `service`, registering it with the control plane,
+    /// health-checking it over TCP every 200 ms (rise 1, fall 2), delta xDS, drain delay 1.5 s.
+    pub fn server(cp: &ControlPlane, name: &str, service: &str, app_port: u16) -> Self {
+        Self {
+            name: name.to_string(),
+            control_plane: format!("http://127.0.0.1:{}", cp.xds_port),
+            service: service.to_string(),
+            app_port,
+            app_protocol: "http".into(),
+            app_health: "tcp".into(),
+            health_interval: "200ms".into(),
+            health_timeout: "500ms".into(),
+            health_rise: 1,
+            health_fall: 2,
+            variant: Variant::Delta,
+            register: None,
+            registration_ttl: None,
+            instance_id: None,
+            zone: None,
+            weight: None,
+            otlp_endpoint: None,
+            drain_delay: "1500ms".into(),
+            shutdown_grace: "10s".into(),
+            extra: Vec::new(),
+            wait: SidecarWait::Ready,
+        }
+    }
+
+    /// A sidecar for a client that only calls out: service `client`, no app (`--app-health
+    /// none`, an unused app port), not registered.
+    pub fn client(cp: &ControlPlane, name: &str) -> Result<Self> {
+        let mut a = Self::server(cp, name, "client", free_port()?);
+        a.app_health = "none".into();
+        a.register = Some("none".into());
+        Ok(a)
+    }
+
+    pub fn variant(mut self, v: Variant) -> Self {
+        self.variant = v;
+        self
+    }
+
+    pub fn health(mut self, probe: &str) -> Self {
+        self.app_health = probe.to_string();
+        self
+    }
+
+    pub fn protocol(mut self, p: &str) -> Self {
+        self.app_protocol = p.to_string();
+        self
+    }
+
+    pub fn register(mut self, r: &str) -> Self {
+        self.register = Some(r.to_string());
+        self
+    }
+
+    pub fn ttl(mut self, ttl: &str) -> Self {
+        self.registration_ttl = Some(ttl.to_string());
+        self
+    }
+
+    pub fn zone(mut self, z: &str) -> Self {
+        self.zone = Some(z.to_string());
+        self
+    }
+
+    pub fn weight(mut self, w: u32) -> Self {
+        self.weight = Some(w);
+        self
+    }
+
+    pub fn otlp(mut self, endpoint: &str) -> Self {
+        self.otlp_endpoint = Some(endpoint.to_string());
+        self
+    }
+
+    pub fn drain_delay(mut self, d: &str) -> Self {
+        self.drain_delay = d.to_string();
+        self
+    }
+
+    pub fn arg(mut self, a: &str) -> Self {
+        self.extra.push(a.to_string());
+        self
+    }
+
+    pub fn wait(mut self, w: SidecarWait) -> Self {
+        self.wait = w;
+        self
+    }
+
+    /// The instance id the sidecar registers (`instance_id`, else `name`).
+    pub fn instance_id(&self) -> &str {
+        self.instance_id.as_deref().unwrap_or(&self.name)
+    }
+
+    fn command_line(&self, inbound: u16, outbound: u16, admin: u16) -> Vec<String> {
+        let mut a: Vec<String> = vec![
+            "--service".into(),
+            self.service.clone(),
+            "--app-port".into(),
+            self.app_port.to_string(),
+            "--app-address".into(),
+            "127.0.0.1".into(),
+            "--app-protocol".into(),
+            self.app_protocol.clone(),
+            "--app-health".into(),
+            self.app_health.clone(),
+            "--health-interval".into(),
+            self.health_interval.clone(),
+            "--health-timeout".into(),
+            self.health_timeout.clone(),
+            "--health-rise".into(),
+            self.health_rise.to_string(),
+            "--health-fall".into(),
+            self.health_fall.to_string(),
+            "--inbound-listen".into(),
+            format!("127.0.0.1:{inbound}"),
+            "--outbound-listen".into(),
+            format!("127.0.0.1:{outbound}"),
+            "--admin-listen".into(),
+            format!("127.0.0.1:{admin}"),
+            "--control-plane".into(),
+            self.control_plane.clone(),
+            "--xds-variant".into(),
+            self.variant.name().into(),
+            "--instance-id".into(),
+            self.instance_id().to_string(),
+            "--drain-delay".into(),
+            self.drain_delay.clone(),
+            "--shutdown-grace".into(),
+            self.shutdown_grace.clone(),
+            "--log-format".into(),
+            "text".into(),
+        ];
+        let optional = [
+            ("--register", self.register.clone()),
+            ("--registration-ttl", self.registration_ttl.clone()),
+            ("--zone", self.zone.clone()),
+            ("--weight", self.weight.map(|w| w.to_string())),
+            ("--otlp-endpoint", self.otlp_endpoint.clone()),
+        ];
+        for (flag, v) in optional {
+            if let Some(v) = v {
+                a.push(flag.into());
+                a.push(v);
+            }
+        }
+        a.extend(self.extra.iter().cloned());
+        a
+    }
+}
+
+/// A running `weft-sidecar` on free loopback ports, killed by PID when dropped.
+pub struct Sidecar {
+    proc: Proc,
+    pub name: String,
+    pub service: String,
+    pub instance_id: String,
+    pub app_port: u16,
+    inbound_port: u16,
+    outbound_port: u16,
+    admin_port: u16,
+}
+
+impl fmt::Debug for Sidecar {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Sidecar")
+            .field("proc", &self.proc)
+            .field("service", &self.service)
+            .field("inbound", &self.inbound_port)
+            .field("outbound", &self.outbound_port)
+            .field("admin", &self.admin_port)
+            .finish()
+    }
+}
+
+impl Sidecar {
+    /// Spawns the sidecar (log `<artifacts>/<name>.log`, `RUST_LOG` from `$WEFT_TEST_SIDECAR_LOG`
+    /// or `info`) and waits (30 s) for what `args.wait` says.
+    pub async fn start(ctx: &TestCtx, args: SidecarArgs) -> Result<Self> {
+        let bin = workspace_bin("weft-sidecar")?;
+        let (inbound_port, outbound_port, admin_port) = (free_port()?, free_port()?, free_port()?);
+        let mut cmd = Command::new(bin);
+        cmd.args(args.command_line(inbound_port, outbound_port, admin_port))
+            .env(
+                "RUST_LOG",
+                std::env::var("WEFT_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()),
+            )
+            .current_dir(ctx.dir());
+        let proc = Proc::spawn(ctx, &args.name, cmd, false, false)?;
+        let mut sc = Self {
+            proc,
+            name: args.name.clone(),
+            service: args.service.clone(),
+            instance_id: args.instance_id().to_string(),
+            app_port: args.app_port,
+            inbound_port,
+            outbound_port,
+            admin_port,
+        };
+        match args.wait {
+            SidecarWait::Ready => sc.wait_admin("/readyz", Duration::from_secs(30)).await?,
+            SidecarWait::Live => sc.wait_admin("/healthz", Duration::from_secs(30)).await?,
+            SidecarWait::Nothing => {}
+        }
+        Ok(sc)
+    }
+
+    /// Waits until admin `path` answers 200, failing at once if the process exits.
+    pub async fn wait_admin(&mut self, path: &str, timeout: Duration) -> Result<()> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            self.proc.ensure_running()?;
+            let last = match http_get(self.admin_port, None, path).await {
+                Ok(r) if r.status == 200 => return Ok(()),
+                Ok(r) => format!("{} {}", r.status, r.body.trim()),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "sidecar {}: admin {path} not 200 after {timeout:?} (last: {last})",
+                    self.name
+                );
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    pub fn inbound_port(&self) -> u16 {
+        self.inbound_port
+    }
+
+    pub fn outbound_port(&self) -> u16 {
+        self.outbound_port
+    }
+
+    pub fn admin_port(&self) -> u16 {
+        self.admin_port
+    }
+
+    pub fn proc(&mut self) -> &mut Proc {
+        &mut self.proc
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.proc.pid()
+    }
+
+    /// GET on the admin port, whatever the status.
+    pub async fn admin_get(&self, path: &str) -> Result<HttpReply> {
+        http_get(self.admin_port, None, path).await
+    }
+
+    /// GET on the admin port as JSON; errors unless 200.
+    pub async fn admin_json(&self, path: &str) -> Result<serde_json::Value> {
+        let r = self.admin_get(path).await?;
+        ensure!(
+            r.status == 200,
+            "sidecar {} admin {path}: {} {}",
+            self.name,
+            r.status,
+            r.body
+        );
+        serde_json::from_str(&r.body)
+            .with_context(|| format!("sidecar {} admin {path} is not JSON: {}", self.name, r.body))
+    }
+
+    /// `/metrics` text; errors unless 200.
+    pub async fn metrics(&self) -> Result<String> {
+        let r = self.admin_get("/metrics").await?;
+        ensure!(
+            r.status == 200,
+            "sidecar {} /metrics: {}",
+            self.name,
+            r.status
+        );
+        Ok(r.body)
+    }
+
+    /// The endpoints of `cluster` in `/debug/endpoints` (each a
+    /// `weft_balance::EndpointStatus` as JSON), empty when the cluster is unknown.
+    pub async fn endpoints(&self, cluster: &str) -> Result<Vec<serde_json::Value>> {
+        let v = self.admin_json("/debug/endpoints").await?;
+        Ok(find_cluster(&v, cluster)
+            .and_then(|c| c.get("endpoints"))
+            .and_then(|e| e.as_array())
+            .cloned()
+            .unwrap_or_default())
+    }
+
+    /// The `algorithm` `/debug/endpoints` shows for `cluster`, as compact JSON text (e.g.
+    /// `"round_robin"` or `{"ring_hash":{...}}`).
+    pub async fn algorithm(&self, cluster: &str) -> Result<Option<String>> {
+        let v = self.admin_json("/debug/endpoints").await?;
+        Ok(find_cluster(&v, cluster)
+            .and_then(|c| c.get("algorithm"))
+            .map(|a| a.to_string()))
+    }
+
+    /// A request through the outbound listener with `Host: host`.
+    pub async fn request(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+    ) -> Result<HttpReply> {
+        http_request(self.outbound_port, "GET", Some(host), path, headers).await
+    }
+
+    /// `n` sequential GETs through the outbound listener with `Host: host`, tallied per
+    /// answering backend (`x-backend`); anything but a 200 naming a backend is a failure.
+    pub async fn spray(&self, host: &str, path: &str, n: usize) -> Result<Tally> {
+        self.spray_with(host, path, &[], n).await
+    }
+
+    /// [`Sidecar::spray`] with extra headers.
+    pub async fn spray_with(
+        &self,
+        host: &str,
+        path: &str,
+        headers: &[(&str, &str)],
+        n: usize,
+    ) -> Result<Tally> {
+        let mut t = Tally::default();
+        for _ in 0..n {
+            t.add(self.request(host, path, headers).await);
+        }
+        Ok(t)
+    }
+
+    /// Sends SIGTERM (by PID).
+    pub fn sigterm(&self) -> Result<()> {
+        self.signal("TERM")
+    }
+
+    fn signal(&self, sig: &str) -> Result<()> {
+        let pid = self
+            .proc
+            .pid()
+            .ok_or_else(|| anyhow!("sidecar {} has already exited", self.name))?;
+        let st = std::process::Command::new("kill")
+            .arg(format!("-{sig}"))
+            .arg(pid.to_string())
+            .status()
+            .context("running kill")?;
+        ensure!(st.success(), "kill -{sig} {pid} failed: {st}");
+        Ok(())
+    }
+
+    /// SIGKILL now, and reap.
+    pub async fn kill(&mut self) -> Result<()> {
+        self.proc.kill().await
+    }
+
+    /// Waits for the process to exit, at most `timeout`.
+    pub async fn wait(&mut self, timeout: Duration) -> Result<ExitStatus> {
+        self.proc.wait(timeout).await
+    }
+
+    pub fn ensure_running(&mut self) -> Result<()> {
+        self.proc.ensure_running()
+    }
+}
+
+/// `/debug/endpoints` is an object keyed by cluster; also accepts `{"clusters": {...}}`.
+fn find_cluster<'a>(v: &'a serde_json::Value, cluster: &str) -> Option<&'a serde_json::Value> {
+    v.get(cluster)
+        .or_else(|| v.get("clusters").and_then(|c| c.get(cluster)))
+}
+
+impl Tally {
+    /// Counts one reply: a 200 naming its backend (`x-backend`) is a success for it; anything
+    /// else is an error.
+    pub fn add(&mut self, reply: Result<HttpReply>) {
+        match reply {
+            Ok(r) if r.status == 200 && r.backend().is_some() => {
+                *self
+                    .counts
+                    .entry(r.backend().unwrap_or_default().to_string())
+                    .or_default() += 1;
+            }
+            Ok(r) => {
+                self.errors += 1;
+                self.last_error = Some(format!("status {}: {}", r.status, r.body.trim()));
+            }
+            Err(e) => {
+                self.errors += 1;
+                self.last_error = Some(format!("{e:#}"));
+            }
+        }
+    }
+
+    /// Adds another tally into this one.
+    pub fn merge(&mut self, other: &Tally) {
+        for (k, v) in &other.counts {
+            *self.counts.entry(k.clone()).or_default() += v;
+        }
+        self.errors += other.errors;
+        if other.last_error.is_some() {
+            self.last_error.clone_from(&other.last_error);
+        }
+    }
+}
+
+/// The instances the control plane's embedded registry holds (`/debug/registrations`).
+pub async fn registrations(cp: &ControlPlane) -> Result<Vec<serde_json::Value>> {
+    let body = cp.admin_get("/debug/registrations").await?;
+    let v: serde_json::Value = serde_json::from_str(&body)
+        .with_context(|| format!("/debug/registrations is not JSON: {body}"))?;
+    Ok(v.get("instances")
+        .and_then(|i| i.as_array())
+        .cloned()
+        .unwrap_or_default())
+}
+
+/// The registration of `instance_id` in `service`, if the control plane holds one.
+pub async fn registration_of(
+    cp: &ControlPlane,
+    service: &str,
+    instance_id: &str,
+) -> Result<Option<serde_json::Value>> {
+    Ok(registrations(cp).await?.into_iter().find(|i| {
+        i.get("service").and_then(|s| s.as_str()) == Some(service)
+            && i.get("instance_id").and_then(|s| s.as_str()) == Some(instance_id)
+    }))
+}
+
+// ---------------------------------------------------------------------------------------------
+// OTLP/gRPC trace receiver
+// ---------------------------------------------------------------------------------------------
+
+use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
+    TraceService, TraceServiceServer,
+};
+use opentelemetry_proto::tonic::collector::trace::v1::{
+    ExportTraceServiceRequest, ExportTraceServiceResponse,
+};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+
+/// One span an [`OtlpReceiver`] received, ids in lowercase hex.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    /// `None` for a root span (empty parent id).
+    pub parent_span_id: Option<String>,
+    pub name: String,
+    /// OTLP `SpanKind` (2 = server, 3 = client).
+    pub kind: i32,
+    /// The resource's `service.name`.
+    pub service_name: Option<String>,
+    /// Span attributes, values as text.
+    pub attributes: BTreeMap<String, String>,
+    /// Resource attributes, values as text.
+    pub resource: BTreeMap<String, String>,
+}
+
+/// An in-test OTLP/gRPC collector (`TraceService/Export`) on a free loopback port, storing every
+/// span it receives. Stops when dropped.
+pub struct OtlpReceiver {
+    port: u16,
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl fmt::Debug for OtlpReceiver {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("OtlpReceiver")
+            .field("port", &self.port)
+            .finish()
+    }
+}
+
+struct Collector {
+    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
+}
+
+#[tonic::async_trait]
+impl TraceService for Collector {
+    async fn export(
+        &self,
+        request: tonic::Request<ExportTraceServiceRequest>,
+    ) -> std::result::Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
+        let mut got = Vec::new();
+        for rs in request.into_inner().resource_spans {
+            let resource = rs
+                .resource
+                .map(|r| attributes_text(&r.attributes))
+                .unwrap_or_default();
+            let service_name = resource.get("service.name").cloned();
+            for ss in rs.scope_spans {
+                for s in ss.spans {
+                    got.push(ReceivedSpan {
+                        trace_id: hex(&s.trace_id),
+                        span_id: hex(&s.span_id),
+                        parent_span_id: (!s.parent_span_id.is_empty()
+                            && s.parent_span_id.iter().any(|b| *b != 0))
+                        .then(|| hex(&s.parent_span_id)),
+                        name: s.name,
+                        kind: s.kind,
+                        service_name: service_name.clone(),
+                        attributes: attributes_text(&s.attributes),
+                        resource: resource.clone(),
+                    });
+                }
+            }
+        }
+        self.spans
+            .lock()
+            .map_err(|_| tonic::Status::internal("span store poisoned"))?
+            .extend(got);
+        Ok(tonic::Response::new(ExportTraceServiceResponse {
+            partial_success: None,
+        }))
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attributes_text(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), any_value_text(kv.value.as_ref())))
+        .collect()
+}
+
+fn any_value_text(v: Option<&AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
+    }
+}
+
+impl OtlpReceiver {
+    pub async fn start() -> Result<Self> {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .context("binding the OTLP receiver")?;
+        let port = listener.local_addr()?.port();
+        let spans = Arc::new(Mutex::new(Vec::new()));
+        let svc = TraceServiceServer::new(Collector {
+            spans: Arc::clone(&spans),
+        });
+        let task = tokio::spawn(async move {
+            let r = tonic::transport::Server::builder()
+                .add_service(svc)
+                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
+                .await;
+            if let Err(e) = r {
+                eprintln!("OTLP receiver stopped: {e}");
+            }
+        });
+        Ok(Self { port, spans, task })
+    }
+
+    /// `http://127.0.0.1:<port>`, for `--otlp-endpoint`.
+    pub fn endpoint(&self) -> String {
+        format!("http://127.0.0.1:{}", self.port)
+    }
+
+    /// Every span received so far.
+    pub fn spans(&self) -> Vec<ReceivedSpan> {
+        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+    }
+
+    /// The spans of one trace (`trace_id` in lowercase hex).
+    pub fn trace(&self, trace_id: &str) -> Vec<ReceivedSpan> {
+        self.spans()
+            .into_iter()
+            .filter(|s| s.trace_id == trace_id)
+            .collect()
+    }
+}
+
+impl Drop for OtlpReceiver {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
