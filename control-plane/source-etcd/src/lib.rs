@@ -510,7 +510,7 @@ impl EtcdSource {
         let mut errors = BTreeMap::new();
         for kv in &kvs {
             match decode(&self.opts.prefix, kv.key(), kv.value()) {
-                Decoded::Object(obj) => events.push(SourceEvent::InitApply(obj)),
+                Decoded::Object(obj) => events.push(SourceEvent::InitApply(*obj)),
                 Decoded::Invalid { key, reason, .. } => {
                     errors.insert(key, reason);
                 }
@@ -583,7 +583,7 @@ impl EtcdSource {
                 EventType::Put => match decode(&self.opts.prefix, kv.key(), kv.value()) {
                     Decoded::Object(obj) => {
                         self.fix(&key_string(kv.key()));
-                        batch.push(SourceEvent::Apply(obj));
+                        batch.push(SourceEvent::Apply(*obj));
                     }
                     Decoded::Invalid {
                         key,
@@ -736,7 +736,8 @@ struct ServiceConfig {
 }
 
 enum Decoded {
-    Object(Object),
+    // Boxed: a Policy makes Object several hundred bytes, most keys decode to small ones.
+    Object(Box<Object>),
     Invalid {
         /// The etcd key as text, as errors are listed.
         key: String,
@@ -759,7 +760,7 @@ fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Decoded {
         }
     };
     match decode_value(&key_text, &shape, value) {
-        Ok(obj) => Decoded::Object(obj),
+        Ok(obj) => Decoded::Object(Box::new(obj)),
         Err(reason) => Decoded::Invalid {
             key: key_text,
             reason,
@@ -895,17 +896,17 @@ mod tests {
         let route = br#"{"name":"echo-canary","service":"echo","rules":[{"backends":[{"service":"echo","weight":90},{"service":"echo-v2","weight":10}]}]}"#;
         assert!(matches!(
             decode("/weft", b"/weft/routes/echo-canary", route),
-            Decoded::Object(Object::Route(_))
+            Decoded::Object(o) if matches!(*o, Object::Route(_))
         ));
         let policy = b"name: echo\nservice: echo\nlb: least_request\n";
         assert!(matches!(
             decode("/weft", b"/weft/policies/echo", policy),
-            Decoded::Object(Object::Policy(_))
+            Decoded::Object(o) if matches!(*o, Object::Policy(_))
         ));
         let ep = br#"{"address":"10.0.0.6","port":8080,"weight":3,"zone":"eu-1a"}"#;
         assert!(matches!(
             decode("/weft", b"/weft/services/echo/static-1", ep),
-            Decoded::Object(Object::Instance { .. })
+            Decoded::Object(o) if matches!(*o, Object::Instance { .. })
         ));
     }
 }
