@@ -69,6 +69,62 @@ pub struct Config {
     )]
     pub etcd_password: Option<String>,
 
+    /// Consul HTTP API address to use as a registry source (e.g. http://127.0.0.1:8500); see
+    /// docs/sources/consul.md. Without it, Consul is not used.
+    #[arg(long, env = "WEFT_CONSUL_ADDR")]
+    pub consul_addr: Option<String>,
+
+    /// Consul ACL token, sent as X-Consul-Token. Prefer the environment variable to the flag,
+    /// which `ps` shows.
+    #[arg(long, env = "WEFT_CONSUL_TOKEN", hide_env_values = true)]
+    pub consul_token: Option<String>,
+
+    /// Consul datacenter to read (`?dc=`); the agent's own when unset.
+    #[arg(long, env = "WEFT_CONSUL_DATACENTER")]
+    pub consul_datacenter: Option<String>,
+
+    /// CA certificate (PEM) to verify Consul's server certificate (https:// addresses).
+    #[arg(long, env = "WEFT_CONSUL_CA")]
+    pub consul_ca: Option<PathBuf>,
+
+    /// Client certificate (PEM) for Consul mTLS; needs --consul-key.
+    #[arg(long, env = "WEFT_CONSUL_CERT", requires = "consul_key")]
+    pub consul_cert: Option<PathBuf>,
+
+    /// Client key (PEM) for Consul mTLS; needs --consul-cert.
+    #[arg(long, env = "WEFT_CONSUL_KEY", requires = "consul_cert")]
+    pub consul_key: Option<PathBuf>,
+
+    /// Only use Consul services carrying this tag (and only their instances with it);
+    /// repeatable or comma-separated.
+    #[arg(
+        long = "consul-service-tag",
+        env = "WEFT_CONSUL_SERVICE_TAG",
+        value_delimiter = ','
+    )]
+    pub consul_service_tags: Vec<String>,
+
+    /// Only use these Consul services (all instances); repeatable or comma-separated. With
+    /// neither this nor --consul-service-tag, every service but `consul` is used.
+    #[arg(
+        long = "consul-service-name",
+        env = "WEFT_CONSUL_SERVICE_NAME",
+        value_delimiter = ','
+    )]
+    pub consul_service_names: Vec<String>,
+
+    /// How an instance with a check in `warning` (and none critical) is served.
+    #[arg(long, env = "WEFT_CONSUL_WARNING_AS", default_value = "healthy", value_parser = ["healthy", "unhealthy"])]
+    pub consul_warning_as: String,
+
+    /// KV prefix of Weft's routes, policies and service configs in Consul.
+    #[arg(long, env = "WEFT_CONSUL_KV_PREFIX", default_value = "weft")]
+    pub consul_kv_prefix: String,
+
+    /// `wait` of Consul blocking queries (at most 10m).
+    #[arg(long, env = "WEFT_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
+    pub consul_wait: Duration,
+
     /// Port of the HTTP listener served to Envoy (the `weft_http` listener).
     #[arg(long, env = "WEFT_ENVOY_HTTP_PORT", default_value_t = 15001)]
     pub envoy_http_port: u16,

@@ -107,6 +107,36 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         es.register_metrics(&mut metrics);
         Some(es)
     };
+    let consul_source = match &cfg.consul_addr {
+        None => None,
+        Some(addr) => {
+            let opts = weft_source_consul::ConsulOptions {
+                address: addr.clone(),
+                token: cfg.consul_token.clone().filter(|t| !t.is_empty()),
+                datacenter: cfg.consul_datacenter.clone().filter(|d| !d.is_empty()),
+                tls: weft_source_consul::TlsFiles {
+                    ca: cfg.consul_ca.clone(),
+                    cert: cfg.consul_cert.clone(),
+                    key: cfg.consul_key.clone(),
+                },
+                service_tags: cfg.consul_service_tags.clone(),
+                service_names: cfg.consul_service_names.clone(),
+                warning_as: if cfg.consul_warning_as == "unhealthy" {
+                    weft_source_consul::WarningAs::Unhealthy
+                } else {
+                    weft_source_consul::WarningAs::Healthy
+                },
+                kv_prefix: cfg.consul_kv_prefix.trim_matches('/').to_string(),
+                wait: cfg.consul_wait,
+                ..Default::default()
+            };
+            opts.validate()
+                .map_err(|e| Failure::BadConfig(format!("consul: {e}")))?;
+            let cs = weft_source_consul::ConsulSource::new(opts, hub.add_source("consul"));
+            cs.register_metrics(&mut metrics);
+            Some(cs)
+        }
+    };
     let embedded = weft_registration::EmbeddedRegistry::new(
         hub.add_source("registration"),
         weft_registration::RegistrationOptions {
@@ -177,6 +207,9 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     if let Some(es) = etcd_source {
         tasks.spawn(es.run(wait_true(shutdown_rx.clone())));
     }
+    if let Some(cs) = consul_source {
+        tasks.spawn(cs.run(wait_true(shutdown_rx.clone())));
+    }
     tasks.spawn(embedded.clone().run_reaper(wait_true(shutdown_rx.clone())));
 
     // Serve xDS only once every source has completed its first full sync: a client must never
@@ -218,6 +251,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         admin = %cfg.admin_listen,
         files = ?cfg.registry_files,
         etcd = ?cfg.etcd_endpoints,
+        consul = ?cfg.consul_addr,
         envoy_http_port = cfg.envoy_http_port,
         "weft control plane serving"
     );
