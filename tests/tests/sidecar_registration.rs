@@ -565,3 +565,81 @@ async fn sidecar_grpc_app() {
     let r = grpc_app(&ctx).await;
     ctx.finish(r);
 }
+
+// ---------------------------------------------------------------------------------------------
+
+/// Consul end to end: the sidecar registers its app through the (stand-in) agent API with a TTL
+/// check it keeps current; the control plane's Consul source sees it by blocking queries; a
+/// client sidecar gets traffic to it. The app failing its health check turns the Consul check
+/// critical and takes it out of rotation; SIGTERM deregisters it.
+async fn consul_registration(ctx: &TestCtx) -> Result<()> {
+    let consul = weft_consul_standin::ConsulStandIn::start().await?;
+    let names = ["web-1", "web-2"];
+    let b = Backends::start(ctx, &[("web-1", Kind::Http), ("web-2", Kind::Http)]).await?;
+    let cp = ControlPlane::start_with_args(
+        ctx,
+        Some(REGISTRY),
+        &[
+            "--consul-addr".to_string(),
+            consul.url(),
+            "--consul-wait".to_string(),
+            "2s".to_string(),
+        ],
+    )
+    .await?;
+    let addr = consul.addr();
+    let mut s = servers(ctx, &cp, &b, "web", &names, |a| {
+        a.register(&format!("consul://{addr}")).ttl("2s")
+    })
+    .await?;
+    let client = Sidecar::start(ctx, SidecarArgs::client(&cp, "client")?).await?;
+    converge_to(&client, "traffic reaches both through Consul", &names).await?;
+    let services = consul.agent_services();
+    ensure!(
+        services.get(s[0].instance_id.as_str()).is_some(),
+        "web-1 is not an agent service: {services}"
+    );
+    ensure!(
+        registration_of(&cp, "web", &s[0].instance_id)
+            .await?
+            .is_none(),
+        "a Consul-registered instance must not also be in the embedded registry"
+    );
+
+    b.control("web-1", "health?status=fail").await?;
+    eventually("web-1's Consul check is critical", CONVERGE, async || {
+        let checks = consul.agent_checks();
+        let id = format!("service:{}", s[0].instance_id);
+        let status = checks
+            .get(&id)
+            .and_then(|c| c.get("Status"))
+            .and_then(|v| v.as_str())
+            .map(str::to_string);
+        ensure!(status.as_deref() == Some("critical"), "{id}: {status:?}");
+        Ok(())
+    })
+    .await?;
+    converge_to(&client, "web-1 out of rotation", &["web-2"]).await?;
+    b.control("web-1", "health?status=pass").await?;
+    converge_to(&client, "web-1 back", &names).await?;
+
+    s[1].sigterm()?;
+    let st = s[1].wait(Duration::from_secs(15)).await?;
+    ensure!(st.success(), "web-2's sidecar exited with {st}");
+    ensure!(
+        consul
+            .agent_services()
+            .get(s[1].instance_id.as_str())
+            .is_none(),
+        "web-2 still registered with the agent after a clean exit"
+    );
+    converge_to(&client, "only web-1 left", &["web-1"]).await?;
+    Ok(())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sidecar_registers_in_consul() {
+    let ctx = TestCtx::new("sidecar_consul").unwrap();
+    let r = consul_registration(&ctx).await;
+    ctx.finish(r);
+}
