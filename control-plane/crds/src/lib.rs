@@ -1,0 +1,1 @@
+//! Weft CRDs (issue 6): being written.

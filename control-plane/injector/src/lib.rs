@@ -1,0 +1,1 @@
+//! Sidecar injection webhook (issue 6): being written.

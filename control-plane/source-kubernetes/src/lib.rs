@@ -1,0 +1,1 @@
+//! Kubernetes source (issue 6): being written.
