@@ -8,10 +8,11 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
+use schemars::JsonSchema;
 use serde::{Deserialize, Serialize};
 
 /// One registry document: the top level of a registry file.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RegistryDoc {
     #[serde(default)]
@@ -23,7 +24,7 @@ pub struct RegistryDoc {
 }
 
 /// A service and (in files) its statically listed endpoints.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ServiceSpec {
     pub name: String,
@@ -35,7 +36,18 @@ pub struct ServiceSpec {
 
 /// The application protocol a service speaks. Decides HTTP/2 upstreams in Envoy.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Protocol {
@@ -46,7 +58,18 @@ pub enum Protocol {
 
 /// Health of one endpoint as the registry knows it.
 #[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize,
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    JsonSchema,
 )]
 #[serde(rename_all = "snake_case")]
 pub enum Health {
@@ -58,7 +81,9 @@ pub enum Health {
 }
 
 /// One instance of a service.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(
+    Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize, JsonSchema,
+)]
 #[serde(deny_unknown_fields)]
 pub struct Endpoint {
     /// An IP address literal. Host names are rejected: EDS endpoints are addresses, and a name
@@ -77,6 +102,11 @@ pub struct Endpoint {
     pub metadata: BTreeMap<String, String>,
 }
 
+/// What a duration field's JSON schema (the CRDs' OpenAPI schema) accepts: humantime syntax,
+/// `250ms`, `2s`, `1h 30m`. The API server then refuses a malformed duration when the object is
+/// written, rather than the control plane failing to decode it later.
+pub const DURATION_PATTERN: &str = r"^\s*([0-9]+(\.[0-9]+)?\s*(nanos|nsec|ns|usec|us|µs|millis|msec|ms|seconds|second|secs|sec|s|minutes|minute|mins|min|m|hours|hour|hrs|hr|h|days|day|d|weeks|week|wks|wk|w|months|month|M|years|year|yrs|yr|y)\s*)+$";
+
 /// Upper bound on an endpoint or backend weight. Envoy sums weights into a uint32 per locality;
 /// this bound keeps 40,000 endpoints of maximal weight below overflow.
 pub const MAX_WEIGHT: u32 = 100_000;
@@ -87,7 +117,7 @@ fn default_weight() -> u32 {
 
 /// How traffic addressed to a service is routed. Rules are tried in order; traffic that matches
 /// no rule of any route goes to the service itself.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Route {
     pub name: String,
@@ -99,7 +129,7 @@ pub struct Route {
     pub rules: Vec<RouteRule>,
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteRule {
     #[serde(default, rename = "match")]
@@ -113,6 +143,7 @@ pub struct RouteRule {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub retries: Option<RetryPolicy>,
@@ -126,7 +157,7 @@ pub struct RouteRule {
 
 /// Conditions a request must all meet. At most one of the path fields may be set; none means
 /// every path.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RouteMatch {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -143,7 +174,7 @@ pub struct RouteMatch {
 }
 
 /// Exactly one of `exact`, `prefix`, `regex`, `present` must be set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HeaderMatch {
     pub name: String,
@@ -159,7 +190,7 @@ pub struct HeaderMatch {
     pub invert: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Backend {
     pub service: String,
@@ -167,7 +198,7 @@ pub struct Backend {
     pub weight: u32,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryPolicy {
     /// Retries after the first attempt, 1..=10.
@@ -177,6 +208,7 @@ pub struct RetryPolicy {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub per_try_timeout: Option<Duration>,
     /// Envoy `retry_on` conditions (`5xx`, `connect-failure`, `reset`, `retriable-4xx`,
     /// `gateway-error`, `refused-stream`, `unavailable`, `cancelled`, `deadline-exceeded`,
@@ -202,7 +234,7 @@ pub const RETRY_ON: &[&str] = &[
 ];
 
 /// What a consistent-hash load balancer hashes on. Exactly one of the fields must be set.
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HashPolicy {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -216,7 +248,7 @@ pub struct HashPolicy {
     pub terminal: bool,
 }
 
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CookieHash {
     pub name: String,
@@ -226,11 +258,12 @@ pub struct CookieHash {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub ttl: Option<Duration>,
 }
 
 /// How a service's endpoints are picked and protected.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Policy {
     pub name: String,
@@ -243,6 +276,7 @@ pub struct Policy {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub connect_timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub circuit_breakers: Option<CircuitBreakers>,
@@ -263,7 +297,7 @@ pub struct Policy {
 }
 
 /// Zone-aware routing: keep traffic in the client's zone while that zone is healthy enough.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ZoneAware {
     /// `false` turns zone preference off explicitly (as if `zone_aware` were absent, but said).
@@ -294,13 +328,18 @@ fn default_min_healthy_percent() -> u32 {
 
 /// A token bucket: `requests` tokens every `per`, holding at most `burst` (default `requests`).
 /// Requests beyond it get 429 with `retry-after`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RateLimit {
     /// Tokens added per `per`, at least 1.
     pub requests: u32,
     /// Refill interval, at least [`MIN_RATE_LIMIT_PER`]. Default 1s.
     #[serde(default = "default_rate_limit_per", with = "humantime_serde")]
+    #[schemars(
+        with = "String",
+        pattern(DURATION_PATTERN),
+        description = "Refill interval, at least 50ms. Default 1s."
+    )]
     pub per: Duration,
     /// Bucket size, at least `requests`. Default `requests`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -323,7 +362,7 @@ impl RateLimit {
 
 /// Load-balancing algorithms. Clients that lack one get the nearest they support (documented in
 /// `docs/registry-schema.md`), never a config they would reject.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, JsonSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LbAlgorithm {
     RoundRobin,
@@ -360,7 +399,7 @@ impl LbAlgorithm {
     }
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CircuitBreakers {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -376,7 +415,7 @@ pub struct CircuitBreakers {
 }
 
 /// Retries limited to a share of active requests, rather than a fixed `max_retries`.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RetryBudget {
     /// 0..=100: active retries may be at most this percent of active requests. Default 20.
@@ -404,7 +443,7 @@ fn default_min_retry_concurrency() -> u32 {
     3
 }
 
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct OutlierDetection {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -416,12 +455,14 @@ pub struct OutlierDetection {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub interval: Option<Duration>,
     #[serde(
         default,
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub base_ejection_time: Option<Duration>,
     /// 0..=100.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -432,11 +473,12 @@ pub struct OutlierDetection {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub max_ejection_time: Option<Duration>,
 }
 
 /// Active health checking of a service's endpoints by the client (Envoy, sidecar).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, JsonSchema)]
 #[serde(deny_unknown_fields)]
 pub struct HealthCheck {
     /// HTTP path to GET. Absent: gRPC health v1 for gRPC services, a TCP connect otherwise.
@@ -447,12 +489,14 @@ pub struct HealthCheck {
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub interval: Option<Duration>,
     #[serde(
         default,
         with = "humantime_serde",
         skip_serializing_if = "Option::is_none"
     )]
+    #[schemars(with = "Option<String>", pattern(DURATION_PATTERN))]
     pub timeout: Option<Duration>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub unhealthy_threshold: Option<u32>,
