@@ -125,6 +125,35 @@ pub struct Config {
     #[arg(long, env = "WEFT_CONSUL_WAIT", default_value = "5m", value_parser = humantime::parse_duration)]
     pub consul_wait: Duration,
 
+    /// Use Kubernetes as a registry source: Services, EndpointSlices and Weft's CRDs (see
+    /// docs/sources/kubernetes.md). The API server is found in-cluster, else from KUBECONFIG
+    /// or ~/.kube/config.
+    #[arg(long, env = "WEFT_KUBERNETES")]
+    pub kubernetes: bool,
+
+    /// Namespaces in the mesh, comma-separated; all when empty.
+    #[arg(long, env = "WEFT_KUBE_NAMESPACES", value_delimiter = ',')]
+    pub kube_namespaces: Vec<String>,
+
+    /// Label selector a Service must match to be in the mesh (e.g. `mesh.weft.dev/enabled=true`).
+    #[arg(long, env = "WEFT_KUBE_SERVICE_SELECTOR")]
+    pub kube_service_selector: Option<String>,
+
+    /// Service port (by name) whose endpoints are served, for Services that have it and no
+    /// `mesh.weft.dev/port` annotation; otherwise a Service's first port.
+    #[arg(long, env = "WEFT_KUBE_PORT_NAME")]
+    pub kube_port_name: Option<String>,
+
+    /// Namespace of the status writers' leader-election Lease; default POD_NAMESPACE, else
+    /// `weft-system`.
+    #[arg(long, env = "WEFT_KUBE_LEASE_NAMESPACE")]
+    pub kube_lease_namespace: Option<String>,
+
+    /// Watch Weft's CRDs (TrafficRoute, TrafficPolicy, ExternalService) and write their status.
+    /// `--kube-crds=false` when they are not installed.
+    #[arg(long, env = "WEFT_KUBE_CRDS", default_value_t = true, action = clap::ArgAction::Set)]
+    pub kube_crds: bool,
+
     /// Port of the HTTP listener served to Envoy (the `weft_http` listener).
     #[arg(long, env = "WEFT_ENVOY_HTTP_PORT", default_value_t = 15001)]
     pub envoy_http_port: u16,

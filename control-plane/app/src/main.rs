@@ -87,6 +87,37 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         fs.register_metrics(&mut metrics);
         Some(fs)
     };
+    let kube_source = if cfg.kubernetes {
+        let bad =
+            |e: weft_source_kubernetes::KubeError| Failure::BadConfig(format!("kubernetes: {e}"));
+        let mut opts = weft_source_kubernetes::KubeOptions {
+            namespaces: cfg
+                .kube_namespaces
+                .iter()
+                .map(|n| n.trim().to_string())
+                .filter(|n| !n.is_empty())
+                .collect(),
+            service_selector: cfg.kube_service_selector.clone().filter(|s| !s.is_empty()),
+            port_name: cfg.kube_port_name.clone().filter(|s| !s.is_empty()),
+            crds: cfg.kube_crds,
+            ..Default::default()
+        };
+        if let Some(ns) = cfg.kube_lease_namespace.clone().filter(|s| !s.is_empty()) {
+            opts.lease.namespace = ns;
+        }
+        opts.validate().map_err(bad)?;
+        let client = weft_source_kubernetes::infer_client().await.map_err(bad)?;
+        let ks = weft_source_kubernetes::KubernetesSource::new(
+            client,
+            opts,
+            hub.add_source("kubernetes"),
+            hub.subscribe(),
+        );
+        ks.register_metrics(&mut metrics);
+        Some(ks)
+    } else {
+        None
+    };
     let etcd_source = if cfg.etcd_endpoints.is_empty() {
         None
     } else {
@@ -204,6 +235,9 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     if let Some(fs) = file_source {
         tasks.spawn(fs.run(cfg.file_poll_interval, wait_true(shutdown_rx.clone())));
     }
+    if let Some(ks) = kube_source {
+        tasks.spawn(ks.run(wait_true(shutdown_rx.clone())));
+    }
     if let Some(es) = etcd_source {
         tasks.spawn(es.run(wait_true(shutdown_rx.clone())));
     }
@@ -252,6 +286,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         files = ?cfg.registry_files,
         etcd = ?cfg.etcd_endpoints,
         consul = ?cfg.consul_addr,
+        kubernetes = cfg.kubernetes,
         envoy_http_port = cfg.envoy_http_port,
         "weft control plane serving"
     );
