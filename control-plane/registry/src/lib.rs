@@ -6,6 +6,7 @@
 //!   Kubernetes sources are to use it too), and the merged [`Registry`] the translator reads.
 //! - [`schema`]: decoding (YAML or JSON) and validation with errors that name origin, field path
 //!   and reason.
+//! - [`kv`]: the key layout key-value sources (etcd, Consul KV) share, and value decoding.
 //! - [`hub`]: merges the sources' events (`Init/InitApply/InitDone/Apply/Delete`) into one
 //!   registry, tracks readiness (every source's first full sync) and per-key errors.
 //!
@@ -13,6 +14,7 @@
 //! translation to Envoy resources lives in `weft-translate`.
 
 pub mod hub;
+pub mod kv;
 pub mod model;
 pub mod schema;
 

@@ -5,8 +5,9 @@ use std::collections::BTreeMap;
 
 use base64::Engine as _;
 use serde::Deserialize;
-use weft_registry::schema::{self, MAX_VALUE_BYTES};
-use weft_registry::{Endpoint, Health, Object, ObjectKey, Protocol, SchemaErrors};
+use weft_registry::kv::{self, decode_value, reasons};
+use weft_registry::schema;
+use weft_registry::{Endpoint, Health, Object, ObjectKey, Protocol};
 
 /// How a check in `warning` counts (`--consul-warning-as`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
@@ -175,58 +176,6 @@ pub(crate) fn instance(
     })
 }
 
-/// What a KV key names, by its shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(crate) enum KeyShape {
-    ServiceConfig(String),
-    Route(String),
-    Policy(String),
-}
-
-impl KeyShape {
-    pub(crate) fn object_key(&self) -> ObjectKey {
-        match self {
-            KeyShape::ServiceConfig(s) => ObjectKey::Service(s.clone()),
-            KeyShape::Route(n) => ObjectKey::Route(n.clone()),
-            KeyShape::Policy(n) => ObjectKey::Policy(n.clone()),
-        }
-    }
-}
-
-pub(crate) fn decode_key(prefix: &str, key: &str) -> Result<KeyShape, String> {
-    let rest = key
-        .strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('/'))
-        .ok_or_else(|| format!("key is not under the prefix {prefix}/"))?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let name = |what: &str, n: &str| {
-        if schema::is_valid_name(n) {
-            Ok(n.to_string())
-        } else {
-            Err(format!(
-                "{what} name {n:?} is invalid (1-253 of [A-Za-z0-9._-], alphanumeric at both ends)"
-            ))
-        }
-    };
-    match parts.as_slice() {
-        ["service-config", svc] => Ok(KeyShape::ServiceConfig(name("service", svc)?)),
-        ["routes", n] => Ok(KeyShape::Route(name("route", n)?)),
-        ["policies", n] => Ok(KeyShape::Policy(name("policy", n)?)),
-        _ => Err(format!(
-            "unknown key shape: expected {prefix}/service-config/<service>, \
-             {prefix}/routes/<name> or {prefix}/policies/<name> (instances come from the catalog)"
-        )),
-    }
-}
-
-/// The value of `<prefix>/service-config/<service>`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServiceConfig {
-    #[serde(default)]
-    protocol: Protocol,
-}
-
 /// One KV pair: `Ok(None)` for a folder key (`a/b/`, as the Consul UI creates), which is not
 /// data; `Err((reason, object))` names why it was rejected and what it would have named.
 pub(crate) fn decode_pair(
@@ -242,58 +191,11 @@ pub(crate) fn decode_pair(
     if pair.key.ends_with('/') && raw.is_empty() {
         return Ok(None);
     }
-    let shape = decode_key(prefix, &pair.key).map_err(|r| (r, None))?;
+    let shape =
+        kv::decode_key(prefix, &pair.key, kv::Instances::Elsewhere).map_err(|r| (r, None))?;
     decode_value(&pair.key, &shape, &raw)
         .map(Some)
         .map_err(|r| (r, Some(shape.object_key())))
-}
-
-fn decode_value(key: &str, shape: &KeyShape, value: &[u8]) -> Result<Object, String> {
-    // Checked on bytes, before any copy or parse, so one huge value costs nothing more.
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(format!(
-            "value is {} bytes, over the limit of {MAX_VALUE_BYTES} bytes",
-            value.len()
-        ));
-    }
-    let text = std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8: {e}"))?;
-    match shape {
-        KeyShape::ServiceConfig(name) => schema::decode::<ServiceConfig>(key, text)
-            .map(|c| Object::Service {
-                name: name.clone(),
-                protocol: c.protocol,
-            })
-            .map_err(reasons),
-        KeyShape::Route(name) => {
-            let r = schema::parse_route(key, text).map_err(reasons)?;
-            if &r.name != name {
-                return Err(format!(
-                    "name: route name {:?} differs from the key's name {name:?}",
-                    r.name
-                ));
-            }
-            Ok(Object::Route(r))
-        }
-        KeyShape::Policy(name) => {
-            let p = schema::parse_policy(key, text).map_err(reasons)?;
-            if &p.name != name {
-                return Err(format!(
-                    "name: policy name {:?} differs from the key's name {name:?}",
-                    p.name
-                ));
-            }
-            Ok(Object::Policy(p))
-        }
-    }
-}
-
-/// Schema errors without their origin: errors are already listed under the key.
-fn reasons(errs: SchemaErrors) -> String {
-    errs.0
-        .iter()
-        .map(|e| format!("{}: {}", e.path, e.reason))
-        .collect::<Vec<_>>()
-        .join("; ")
 }
 
 #[cfg(test)]

@@ -36,10 +36,9 @@ use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use rand::Rng;
-use serde::Deserialize;
 use tokio::time::{Instant, MissedTickBehavior};
-use weft_registry::schema::{self, MAX_VALUE_BYTES};
-use weft_registry::{Object, ObjectKey, Protocol, SchemaErrors, SourceEvent, SourceHandle};
+use weft_registry::kv::{self, KeyShape, decode_value};
+use weft_registry::{Object, ObjectKey, SourceEvent, SourceHandle};
 
 /// Keys fetched per range page. Small enough that a page of values near etcd's default request
 /// limit (1.5 MiB) stays below [`MAX_DECODE_BYTES`].
@@ -663,78 +662,6 @@ fn key_string(key: &[u8]) -> String {
     String::from_utf8_lossy(key).into_owned()
 }
 
-/// What a key names, by its shape.
-#[derive(Debug, Clone, PartialEq, Eq)]
-enum KeyShape {
-    Instance { service: String, id: String },
-    ServiceConfig(String),
-    Route(String),
-    Policy(String),
-}
-
-impl KeyShape {
-    fn object_key(&self) -> ObjectKey {
-        match self {
-            KeyShape::Instance { service, id } => ObjectKey::Instance {
-                service: service.clone(),
-                id: id.clone(),
-            },
-            KeyShape::ServiceConfig(s) => ObjectKey::Service(s.clone()),
-            KeyShape::Route(n) => ObjectKey::Route(n.clone()),
-            KeyShape::Policy(n) => ObjectKey::Policy(n.clone()),
-        }
-    }
-}
-
-fn decode_key(prefix: &str, key: &[u8]) -> Result<KeyShape, String> {
-    let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_string())?;
-    let rest = key
-        .strip_prefix(prefix)
-        .and_then(|r| r.strip_prefix('/'))
-        .ok_or_else(|| format!("key is not under the prefix {prefix}/"))?;
-    let parts: Vec<&str> = rest.split('/').collect();
-    let name = |what: &str, n: &str| {
-        if schema::is_valid_name(n) {
-            Ok(n.to_string())
-        } else {
-            Err(format!(
-                "{what} name {n:?} is invalid (1-253 of [A-Za-z0-9._-], alphanumeric at both ends)"
-            ))
-        }
-    };
-    match parts.as_slice() {
-        ["services", svc, id] => {
-            let service = name("service", svc)?;
-            // Ids are chosen by registrars (UUIDs, `host:port`, pod names): any text without
-            // control characters, bounded like a name.
-            if id.is_empty() || id.len() > 253 || id.chars().any(char::is_control) {
-                return Err(format!(
-                    "instance id {id:?} is invalid (1-253 characters, no control characters)"
-                ));
-            }
-            Ok(KeyShape::Instance {
-                service,
-                id: id.to_string(),
-            })
-        }
-        ["service-config", svc] => Ok(KeyShape::ServiceConfig(name("service", svc)?)),
-        ["routes", n] => Ok(KeyShape::Route(name("route", n)?)),
-        ["policies", n] => Ok(KeyShape::Policy(name("policy", n)?)),
-        _ => Err(format!(
-            "unknown key shape: expected {prefix}/services/<service>/<instance-id>, \
-             {prefix}/service-config/<service>, {prefix}/routes/<name> or {prefix}/policies/<name>"
-        )),
-    }
-}
-
-/// The value of `<prefix>/service-config/<service>`.
-#[derive(Debug, Deserialize)]
-#[serde(deny_unknown_fields)]
-struct ServiceConfig {
-    #[serde(default)]
-    protocol: Protocol,
-}
-
 enum Decoded {
     // Boxed: a Policy makes Object several hundred bytes, most keys decode to small ones.
     Object(Box<Object>),
@@ -745,6 +672,12 @@ enum Decoded {
         /// What the key would name if its shape is valid, so a previous valid value can go.
         object: Option<ObjectKey>,
     },
+}
+
+/// The shared key-value layout (`weft_registry::kv`), with instances: etcd holds them.
+fn decode_key(prefix: &str, key: &[u8]) -> Result<KeyShape, String> {
+    let key = std::str::from_utf8(key).map_err(|_| "key is not UTF-8".to_string())?;
+    kv::decode_key(prefix, key, kv::Instances::Held)
 }
 
 fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Decoded {
@@ -769,65 +702,11 @@ fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Decoded {
     }
 }
 
-fn decode_value(key: &str, shape: &KeyShape, value: &[u8]) -> Result<Object, String> {
-    // Checked on bytes, before any copy or parse, so one huge value costs nothing more.
-    if value.len() > MAX_VALUE_BYTES {
-        return Err(format!(
-            "value is {} bytes, over the limit of {MAX_VALUE_BYTES} bytes",
-            value.len()
-        ));
-    }
-    let text = std::str::from_utf8(value).map_err(|e| format!("value is not UTF-8: {e}"))?;
-    match shape {
-        KeyShape::Instance { service, id } => schema::parse_endpoint(key, text)
-            .map(|endpoint| Object::Instance {
-                service: service.clone(),
-                id: id.clone(),
-                endpoint,
-            })
-            .map_err(reasons),
-        KeyShape::ServiceConfig(name) => schema::decode::<ServiceConfig>(key, text)
-            .map(|c| Object::Service {
-                name: name.clone(),
-                protocol: c.protocol,
-            })
-            .map_err(reasons),
-        KeyShape::Route(name) => {
-            let r = schema::parse_route(key, text).map_err(reasons)?;
-            if &r.name != name {
-                return Err(format!(
-                    "name: route name {:?} differs from the key's name {name:?}",
-                    r.name
-                ));
-            }
-            Ok(Object::Route(r))
-        }
-        KeyShape::Policy(name) => {
-            let p = schema::parse_policy(key, text).map_err(reasons)?;
-            if &p.name != name {
-                return Err(format!(
-                    "name: policy name {:?} differs from the key's name {name:?}",
-                    p.name
-                ));
-            }
-            Ok(Object::Policy(p))
-        }
-    }
-}
-
-/// Schema errors without their origin: errors are already listed under the key.
-fn reasons(errs: SchemaErrors) -> String {
-    errs.0
-        .iter()
-        .map(|e| format!("{}: {}", e.path, e.reason))
-        .collect::<Vec<_>>()
-        .join("; ")
-}
-
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
     use super::*;
+    use weft_registry::Protocol;
 
     #[test]
     fn key_shapes() {
