@@ -169,6 +169,7 @@ Flags of the control plane.
 - --webhook-cert={{ include "weft.webhookCertDir" . }}/tls.crt
 - --webhook-key={{ include "weft.webhookCertDir" . }}/tls.key
 - --injector-image={{ include "weft.imageRef" (dict "image" .Values.injector.image "root" .) }}
+- --injector-control-plane=http://{{ include "weft.fullname" . }}.{{ .Release.Namespace }}.svc:{{ .Values.ports.xds }}
 {{- end }}
 {{- with .Values.extraArgs }}
 {{ toYaml . }}

@@ -154,6 +154,32 @@ pub struct Config {
     #[arg(long, env = "WEFT_KUBE_CRDS", default_value_t = true, action = clap::ArgAction::Set)]
     pub kube_crds: bool,
 
+    /// Serve the sidecar-injection webhook (HTTPS, `POST /mutate`) on this address; needs
+    /// --webhook-cert and --webhook-key. See docs/injection.md.
+    #[arg(long, env = "WEFT_WEBHOOK_LISTEN", requires_all = ["webhook_cert", "webhook_key"])]
+    pub webhook_listen: Option<std::net::SocketAddr>,
+
+    /// The webhook's certificate (PEM); re-read when it changes, so renewals need no restart.
+    #[arg(long, env = "WEFT_WEBHOOK_CERT", requires = "webhook_listen")]
+    pub webhook_cert: Option<PathBuf>,
+
+    /// The webhook's private key (PEM).
+    #[arg(long, env = "WEFT_WEBHOOK_KEY", requires = "webhook_listen")]
+    pub webhook_key: Option<PathBuf>,
+
+    /// Image of the `weft-sidecar` container the webhook injects.
+    #[arg(
+        long,
+        env = "WEFT_INJECTOR_IMAGE",
+        default_value = "weft-sidecar:latest"
+    )]
+    pub injector_image: String,
+
+    /// xDS address injected sidecars use, e.g. `http://weft.weft-system.svc:18000` (the chart
+    /// sets it to its own Service).
+    #[arg(long, env = "WEFT_INJECTOR_CONTROL_PLANE")]
+    pub injector_control_plane: Option<String>,
+
     /// Port of the HTTP listener served to Envoy (the `weft_http` listener).
     #[arg(long, env = "WEFT_ENVOY_HTTP_PORT", default_value_t = 15001)]
     pub envoy_http_port: u16,

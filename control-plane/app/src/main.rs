@@ -219,6 +219,29 @@ async fn run(cfg: Config) -> Result<(), Failure> {
             )
     };
 
+    let webhook = match (&cfg.webhook_listen, &cfg.webhook_cert, &cfg.webhook_key) {
+        (Some(listen), Some(cert), Some(key)) => {
+            let tls = weft_injector::tls_config_with_reload(
+                cert,
+                key,
+                weft_injector::DEFAULT_RELOAD_INTERVAL,
+            )
+            .map_err(|e| Failure::BadConfig(format!("webhook: {e}")))?;
+            let mut injector = weft_injector::InjectorConfig {
+                image: cfg.injector_image.clone(),
+                ..Default::default()
+            };
+            if let Some(cp) = &cfg.injector_control_plane {
+                injector.control_plane.clone_from(cp);
+            }
+            let listener = tokio::net::TcpListener::bind(listen)
+                .await
+                .with_context(|| format!("binding the webhook port {listen}"))?;
+            Some((listener, tls, Arc::new(injector)))
+        }
+        _ => None,
+    };
+
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("binding the admin port {}", cfg.admin_listen))?;
@@ -245,6 +268,14 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         tasks.spawn(cs.run(wait_true(shutdown_rx.clone())));
     }
     tasks.spawn(embedded.clone().run_reaper(wait_true(shutdown_rx.clone())));
+    if let Some((listener, tls, injector)) = webhook {
+        tasks.spawn(weft_injector::serve(
+            listener,
+            tls,
+            injector,
+            wait_true(shutdown_rx.clone()),
+        ));
+    }
 
     // Serve xDS only once every source has completed its first full sync: a client must never
     // be sent a partial registry as if it were the whole (linkerd2 #1958). Until then the xDS
