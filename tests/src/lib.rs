@@ -1291,46 +1291,44 @@ impl GrpcClient {
 }
 
 /// A real etcd (Debian's `etcd-server`) on free loopback ports, its log in the test's
-/// artifacts; stopped by PID when dropped.
+/// artifacts (`etcd.log`); killed by PID when dropped. A thin wrapper over
+/// [`weft_etcd_support::Etcd`] that reports through [`TestCtx`].
 pub struct Etcd {
-    _proc: Proc,
+    inner: weft_etcd_support::Etcd,
     pub url: String,
 }
 
 impl Etcd {
     pub async fn start(ctx: &TestCtx) -> Result<Self> {
-        let (client, peer) = (free_port()?, free_port()?);
-        let url = format!("http://127.0.0.1:{client}");
-        let peer_url = format!("http://127.0.0.1:{peer}");
-        let mut cmd = Command::new("etcd");
-        cmd.args(["--name", "t", "--data-dir"])
-            .arg(ctx.path("etcd-data"))
-            .args([
-                "--listen-client-urls",
-                &url,
-                "--advertise-client-urls",
-                &url,
-            ])
-            .args([
-                "--listen-peer-urls",
-                &peer_url,
-                "--initial-advertise-peer-urls",
-                &peer_url,
-            ])
-            .args(["--initial-cluster", &format!("t={peer_url}")]);
-        let proc = Proc::spawn(ctx, "etcd", cmd, false, false)
-            .context("starting etcd (Debian package etcd-server; .ci/run installs it)")?;
-        let etcd = Etcd { _proc: proc, url };
-        eventually("etcd answers", Duration::from_secs(20), async || {
-            etcd.client().await?.get("probe", None).await?;
-            Ok(())
+        let log = ctx.path("etcd.log");
+        ctx.register_log("etcd", &log);
+        let inner = weft_etcd_support::Etcd::builder()
+            .log_file(&log)
+            .start()
+            .await
+            .context("starting etcd")?;
+        Ok(Etcd {
+            url: inner.endpoint(),
+            inner,
         })
-        .await?;
-        Ok(etcd)
     }
 
     pub async fn client(&self) -> Result<etcd_client::Client> {
-        Ok(etcd_client::Client::connect([self.url.as_str()], None).await?)
+        Ok(self.inner.try_client().await?)
+    }
+}
+
+impl Drop for Etcd {
+    fn drop(&mut self) {
+        // As a [`Proc`] does: a panicking test shows etcd's log.
+        if std::thread::panicking() {
+            eprintln!(
+                "----- etcd (pid {:?}) log: {} -----\n{}",
+                self.inner.pid(),
+                self.inner.log_path().display(),
+                tail(self.inner.log_path(), 40)
+            );
+        }
     }
 }
 

@@ -8,8 +8,9 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use common::{Certs, Cp, EdsWatch, Etcd};
+use common::{Cp, EdsWatch};
 use etcd_client::PutOptions;
+use weft_etcd_support::{Certs, Etcd};
 
 fn ep(port: u16) -> String {
     format!(r#"{{"address":"127.0.0.1","port":{port}}}"#)
@@ -17,12 +18,12 @@ fn ep(port: u16) -> String {
 
 #[tokio::test]
 async fn etcd_instances_reach_an_xds_client_and_leases_expire() {
-    let etcd = Etcd::start("e2e").await;
+    let etcd = Etcd::start().await;
     let mut kv = etcd.client().await;
     kv.put("/weft/services/pay/a", ep(7001), None)
         .await
         .unwrap();
-    let cp = Cp::start("etcd-e2e", None, &["--etcd-endpoints", &etcd.client_url]).await;
+    let cp = Cp::start("etcd-e2e", None, &["--etcd-endpoints", &etcd.endpoint()]).await;
     let mut eds = EdsWatch::open(&cp, "pay").await;
     eds.until(&["127.0.0.1:7001"]).await;
 
@@ -69,8 +70,8 @@ async fn etcd_instances_reach_an_xds_client_and_leases_expire() {
 
 #[tokio::test]
 async fn xds_waits_for_etcds_first_sync() {
-    let mut etcd = Etcd::stopped("late");
-    let cp = Cp::spawn("etcd-late", None, &["--etcd-endpoints", &etcd.client_url]);
+    let mut etcd = Etcd::stopped();
+    let cp = Cp::spawn("etcd-late", None, &["--etcd-endpoints", &etcd.endpoint()]);
     // etcd is down: admin answers, readiness says no, and xDS serves nothing partial.
     let deadline = Instant::now() + Duration::from_secs(10);
     while cp.get("/healthz").await.0 != 200 {
@@ -90,7 +91,7 @@ async fn xds_waits_for_etcds_first_sync() {
         "xDS answered before etcd's first sync"
     );
     assert_eq!(cp.get("/readyz").await.0, 503);
-    etcd.spawn().await;
+    etcd.restart().await;
     etcd.client()
         .await
         .put("/weft/services/pay/a", ep(7001), None)
@@ -111,7 +112,7 @@ async fn early_client(url: String) {
 
 #[tokio::test]
 async fn put_to_ack_is_measured() {
-    let etcd = Etcd::start("latency").await;
+    let etcd = Etcd::start().await;
     let mut kv = etcd.client().await;
     kv.put("/weft/services/lat/base", ep(9000), None)
         .await
@@ -119,7 +120,7 @@ async fn put_to_ack_is_measured() {
     let cp = Cp::start(
         "etcd-latency",
         None,
-        &["--etcd-endpoints", &etcd.client_url],
+        &["--etcd-endpoints", &etcd.endpoint()],
     )
     .await;
     let mut eds = EdsWatch::open(&cp, "lat").await;
@@ -156,7 +157,7 @@ async fn put_to_ack_is_measured() {
 #[tokio::test]
 async fn etcd_over_mutual_tls() {
     let certs = Certs::make("mtls");
-    let etcd = Etcd::start_mtls("mtls", &certs).await;
+    let etcd = Etcd::start_mtls(&certs).await;
     etcd.client()
         .await
         .put("/weft/services/pay/a", ep(7001), None)
@@ -172,7 +173,7 @@ async fn etcd_over_mutual_tls() {
         None,
         &[
             "--etcd-endpoints",
-            &etcd.client_url,
+            &etcd.endpoint(),
             "--etcd-ca",
             &ca,
             "--etcd-cert",
@@ -189,7 +190,7 @@ async fn etcd_over_mutual_tls() {
     let no_cert = Cp::spawn(
         "etcd-no-cert",
         None,
-        &["--etcd-endpoints", &etcd.client_url, "--etcd-ca", &ca],
+        &["--etcd-endpoints", &etcd.endpoint(), "--etcd-ca", &ca],
     );
     tokio::time::sleep(Duration::from_secs(3)).await;
     assert_eq!(no_cert.get("/readyz").await.0, 503, "{}", no_cert.log());

@@ -5,7 +5,8 @@
 mod common;
 
 use base64::Engine as _;
-use common::{Certs, Cp, free_port};
+use common::{Cp, free_port};
+use weft_etcd_support::Certs;
 
 #[tokio::test]
 async fn webhook_injects_the_sidecar_over_https() {

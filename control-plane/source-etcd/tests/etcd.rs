@@ -2,16 +2,14 @@
 //! compaction, bulk loads and malformed values.
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::Duration;
 
-use common::{Etcd, Proxy, eventually};
 use etcd_client::{Client, GetOptions, PutOptions, Txn, TxnOp};
 use tokio::sync::oneshot;
+use weft_etcd_support::{Etcd, Proxy, eventually};
 use weft_registry::{Hub, Protocol};
 use weft_source_etcd::{EtcdMetrics, EtcdOptions, EtcdSource};
 
@@ -145,7 +143,7 @@ async fn retry_delete(c: &mut Client, endpoint: &str, key: String) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn put_delete_and_lease_expiry_are_reflected_and_ready_only_after_sync() {
     let etcd = Etcd::start().await;
-    let proxy = Proxy::start(etcd.client_port).await;
+    let proxy = Proxy::start(etcd.client_port()).await;
     let mut c = etcd.client().await;
     c.put("/weft/services/echo/i1", endpoint_json(1), None)
         .await
@@ -278,7 +276,7 @@ async fn kill_9_and_restart_under_writes_loses_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn wiped_etcd_with_lower_revision_is_relisted() {
     let mut etcd = Etcd::start().await;
-    let proxy = Proxy::start(etcd.client_port).await;
+    let proxy = Proxy::start(etcd.client_port()).await;
     let mut c = etcd.client().await;
     for i in 0..30 {
         c.put(format!("/weft/services/old/i{i}"), endpoint_json(i), None)
@@ -327,7 +325,7 @@ async fn wiped_etcd_with_lower_revision_is_relisted() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn compaction_while_disconnected_forces_a_relist() {
     let etcd = Etcd::start().await;
-    let proxy = Proxy::start(etcd.client_port).await;
+    let proxy = Proxy::start(etcd.client_port()).await;
     let mut c = etcd.client().await;
     for i in 0..10 {
         c.put(format!("/weft/services/s/i{i}"), endpoint_json(i), None)
@@ -542,7 +540,7 @@ async fn malformed_values_are_skipped_reported_and_fixable() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn idle_watch_stays_up_and_a_stalled_one_is_torn_down() {
     let etcd = Etcd::start().await;
-    let proxy = Proxy::start(etcd.client_port).await;
+    let proxy = Proxy::start(etcd.client_port()).await;
     let mut c = etcd.client().await;
     c.put("/weft/services/s/a", endpoint_json(1), None)
         .await

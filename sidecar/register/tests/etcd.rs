@@ -2,13 +2,11 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod common;
-
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use common::{Etcd, Proxy};
 use tokio::time::Instant;
+use weft_etcd_support::{Etcd, Proxy};
 use weft_sidecar_register::{Backend, Health, Instance, Registration, Status};
 
 const KEY: &str = "/weft/services/echo/host-1-8080";
@@ -198,7 +196,7 @@ async fn a_stale_sidecar_is_fenced_out_of_a_newer_ones_key() {
     let mut c = etcd.client().await;
     // A talks to etcd through a proxy, so the test can cut it off while its lease is lost and B
     // takes over; without that A could win the race to re-register.
-    let proxy = Proxy::start(etcd.client_port).await;
+    let proxy = Proxy::start(etcd.client_port()).await;
     let a = Registration::spawn(backend(proxy.endpoint()), instance(Duration::from_secs(2)));
     a.set_health(Health::Healthy);
     let (_, lease_a) = wait_key(&mut c, Duration::from_secs(5), "A registered", |k| {
