@@ -247,6 +247,80 @@ pub struct SourceHandle {
     name: String,
 }
 
+/// For sources that compute their whole desired state each time something changes and want
+/// the hub to see only differences (Consul, Kubernetes): the first [`Mirror::publish`] is one
+/// full sync (`Init`, `InitApply`*, `InitDone`), later ones only `Delete`/`Apply` of what
+/// changed; per-key errors are reported when new or changed and cleared when gone.
+#[derive(Debug, Default)]
+pub struct Mirror {
+    synced: bool,
+    emitted: HashMap<ObjectKey, Object>,
+    errors: BTreeMap<String, String>,
+}
+
+impl Mirror {
+    /// Whether the first full sync has been published.
+    pub fn is_synced(&self) -> bool {
+        self.synced
+    }
+
+    /// Publishes `desired` through `source`. Returns how many errors were newly reported, for
+    /// the source's invalid-values counter.
+    pub fn publish(
+        &mut self,
+        source: &SourceHandle,
+        desired: HashMap<ObjectKey, Object>,
+        errors: BTreeMap<String, String>,
+    ) -> usize {
+        if !self.synced {
+            let mut events = Vec::with_capacity(desired.len() + 2);
+            events.push(SourceEvent::Init);
+            events.extend(desired.values().cloned().map(SourceEvent::InitApply));
+            events.push(SourceEvent::InitDone);
+            source.apply(events);
+            self.synced = true;
+        } else {
+            let mut gone: Vec<&ObjectKey> = self
+                .emitted
+                .keys()
+                .filter(|k| !desired.contains_key(*k))
+                .collect();
+            gone.sort();
+            let mut changed: Vec<&Object> = desired
+                .iter()
+                .filter(|(k, v)| self.emitted.get(*k) != Some(*v))
+                .map(|(_, v)| v)
+                .collect();
+            // Sorted so the same change always reaches the hub as the same batch.
+            changed.sort_by_key(|o| o.key());
+            let batch: Vec<SourceEvent> = gone
+                .into_iter()
+                .cloned()
+                .map(SourceEvent::Delete)
+                .chain(changed.into_iter().cloned().map(SourceEvent::Apply))
+                .collect();
+            if !batch.is_empty() {
+                source.apply(batch);
+            }
+        }
+        self.emitted = desired;
+        for key in self.errors.keys() {
+            if !errors.contains_key(key) {
+                source.clear_error(key);
+            }
+        }
+        let mut reported = 0;
+        for (key, reason) in &errors {
+            if self.errors.get(key) != Some(reason) {
+                reported += 1;
+                source.report_error(key, reason);
+            }
+        }
+        self.errors = errors;
+        reported
+    }
+}
+
 impl SourceHandle {
     pub fn name(&self) -> &str {
         &self.name
@@ -524,6 +598,45 @@ mod tests {
             .map(|i| (i.endpoint.port, i.source.as_str()))
             .collect();
         assert_eq!(got, vec![(1, "registration"), (2, "file")]);
+    }
+
+    #[test]
+    fn mirror_syncs_once_then_sends_only_differences() {
+        let hub = Hub::new();
+        let a = hub.add_source("consul");
+        let mut m = Mirror::default();
+        let desired = |ports: &[u16]| -> HashMap<ObjectKey, Object> {
+            ports
+                .iter()
+                .map(|p| inst("s", *p))
+                .map(|o| (o.key(), o))
+                .collect()
+        };
+        let errs = |keys: &[&str]| -> BTreeMap<String, String> {
+            keys.iter()
+                .map(|k| (k.to_string(), "bad".to_string()))
+                .collect()
+        };
+        assert!(!m.is_synced());
+        assert_eq!(m.publish(&a, desired(&[1, 2]), errs(&["k1"])), 1);
+        assert!(m.is_synced() && hub.is_ready());
+        let st = &hub.sources()[0];
+        assert_eq!((st.objects, st.relists, st.errors.len()), (2, 1, 1));
+        let applied = st.events_applied;
+        // Unchanged: nothing reaches the hub, the known error is not reported again.
+        assert_eq!(m.publish(&a, desired(&[1, 2]), errs(&["k1"])), 0);
+        assert_eq!(hub.sources()[0].events_applied, applied);
+        // One gone, one new, error fixed: a diff, not a relist.
+        assert_eq!(m.publish(&a, desired(&[2, 3]), errs(&[])), 0);
+        let st = &hub.sources()[0];
+        assert_eq!((st.objects, st.relists), (2, 1));
+        assert!(st.errors.is_empty());
+        let ports: Vec<u16> = hub.current().registry.services["s"]
+            .instances
+            .iter()
+            .map(|i| i.endpoint.port)
+            .collect();
+        assert_eq!(ports, vec![2, 3]);
     }
 
     #[test]

@@ -18,6 +18,8 @@ pub mod kv;
 pub mod model;
 pub mod schema;
 
-pub use hub::{Hub, Object, ObjectKey, RegistrySnapshot, SourceEvent, SourceHandle, SourceStatus};
+pub use hub::{
+    Hub, Mirror, Object, ObjectKey, RegistrySnapshot, SourceEvent, SourceHandle, SourceStatus,
+};
 pub use model::*;
 pub use schema::{SchemaError, SchemaErrors, parse_document};

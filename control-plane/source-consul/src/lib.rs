@@ -41,7 +41,7 @@ use prometheus_client::registry::Registry as MetricsRegistry;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use weft_registry::schema;
-use weft_registry::{Object, ObjectKey, Protocol, SourceEvent, SourceHandle};
+use weft_registry::{Mirror, Object, ObjectKey, Protocol, SourceHandle};
 
 pub use decode::WarningAs;
 
@@ -373,9 +373,7 @@ impl ConsulSource {
             watched: BTreeMap::new(),
             next_generation: 0,
             kv: None,
-            synced: false,
-            emitted: HashMap::new(),
-            errors: BTreeMap::new(),
+            mirror: Mirror::default(),
         };
         // Bounded: a flood of answers slows the watches down rather than growing memory.
         let (tx, mut rx) = mpsc::channel::<Msg>(1024);
@@ -417,11 +415,8 @@ struct State {
     watched: BTreeMap<String, Watched>,
     next_generation: u64,
     kv: Option<Vec<KvPair>>,
-    synced: bool,
-    /// What the hub holds from this source.
-    emitted: HashMap<ObjectKey, Object>,
-    /// Keys currently reported invalid, with why, so only changes are reported.
-    errors: BTreeMap<String, String>,
+    /// What the hub holds from this source, and which keys are reported invalid.
+    mirror: Mirror,
 }
 
 impl State {
@@ -576,55 +571,21 @@ impl State {
     }
 
     fn publish(&mut self) {
-        if !self.synced && !self.complete() {
+        if !self.mirror.is_synced() && !self.complete() {
             return;
         }
         let (desired, errors) = self.desired();
-        if !self.synced {
-            let mut events = Vec::with_capacity(desired.len() + 2);
-            events.push(SourceEvent::Init);
-            events.extend(desired.values().cloned().map(SourceEvent::InitApply));
-            events.push(SourceEvent::InitDone);
-            self.source.apply(events);
-            self.synced = true;
+        let first = !self.mirror.is_synced();
+        let (objects, invalid) = (desired.len(), errors.len());
+        let reported = self.mirror.publish(&self.source, desired, errors);
+        self.metrics.invalid_values.inc_by(reported as u64);
+        if first {
             tracing::info!(
                 services = self.watched.len(),
-                objects = desired.len(),
-                invalid = errors.len(),
+                objects,
+                invalid,
                 "Consul fully read: first sync done"
             );
-        } else {
-            let mut batch = Vec::new();
-            let mut gone: Vec<&ObjectKey> = self
-                .emitted
-                .keys()
-                .filter(|k| !desired.contains_key(*k))
-                .collect();
-            gone.sort();
-            batch.extend(gone.into_iter().cloned().map(SourceEvent::Delete));
-            let mut changed: Vec<&Object> = desired
-                .iter()
-                .filter(|(k, v)| self.emitted.get(*k) != Some(*v))
-                .map(|(_, v)| v)
-                .collect();
-            changed.sort_by_key(|o| o.key());
-            batch.extend(changed.into_iter().cloned().map(SourceEvent::Apply));
-            if !batch.is_empty() {
-                self.source.apply(batch);
-            }
         }
-        self.emitted = desired;
-        for key in self.errors.keys() {
-            if !errors.contains_key(key) {
-                self.source.clear_error(key);
-            }
-        }
-        for (key, reason) in &errors {
-            if self.errors.get(key) != Some(reason) {
-                self.metrics.invalid_values.inc();
-                self.source.report_error(key, reason);
-            }
-        }
-        self.errors = errors;
     }
 }

@@ -51,7 +51,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry as MetricsRegistry;
 use serde::de::DeserializeOwned;
 use tokio::sync::{mpsc, watch};
-use weft_registry::{Object, ObjectKey, RegistrySnapshot, SourceEvent, SourceHandle};
+use weft_registry::{Mirror, Object, ObjectKey, RegistrySnapshot, SourceHandle};
 
 pub use lease::LeaseOptions;
 pub use status::{CrdKind, StatusTarget, Verdict};
@@ -401,9 +401,7 @@ impl KubernetesSource {
             source: self.source.clone(),
             metrics: self.metrics.clone(),
             port_name: self.opts.port_name.clone(),
-            synced: false,
-            emitted: HashMap::new(),
-            errors: BTreeMap::new(),
+            mirror: Mirror::default(),
             targets_tx,
         };
         loop {
@@ -490,11 +488,8 @@ struct State {
     source: SourceHandle,
     metrics: KubeMetrics,
     port_name: Option<String>,
-    synced: bool,
-    /// What the hub holds from this source.
-    emitted: HashMap<ObjectKey, Object>,
-    /// Objects currently rejected, with why, so only changes are reported.
-    errors: BTreeMap<String, String>,
+    /// What the hub holds from this source, and which objects are reported rejected.
+    mirror: Mirror,
     targets_tx: watch::Sender<Arc<Vec<StatusTarget>>>,
 }
 
@@ -547,55 +542,17 @@ impl State {
     }
 
     fn publish(&mut self, stores: &[Store]) {
-        if !self.synced && !stores.iter().all(|s| s.listed) {
+        if !self.mirror.is_synced() && !stores.iter().all(|s| s.listed) {
             return;
         }
         let (desired, errors, targets) = desired(stores, self.port_name.as_deref());
-        if !self.synced {
-            let mut events = Vec::with_capacity(desired.len() + 2);
-            events.push(SourceEvent::Init);
-            events.extend(desired.values().cloned().map(SourceEvent::InitApply));
-            events.push(SourceEvent::InitDone);
-            self.source.apply(events);
-            self.synced = true;
-            tracing::info!(
-                objects = desired.len(),
-                invalid = errors.len(),
-                "Kubernetes fully listed: first sync done"
-            );
-        } else {
-            let mut batch = Vec::new();
-            let mut gone: Vec<&ObjectKey> = self
-                .emitted
-                .keys()
-                .filter(|k| !desired.contains_key(*k))
-                .collect();
-            gone.sort();
-            batch.extend(gone.into_iter().cloned().map(SourceEvent::Delete));
-            let mut changed: Vec<&Object> = desired
-                .iter()
-                .filter(|(k, v)| self.emitted.get(*k) != Some(*v))
-                .map(|(_, v)| v)
-                .collect();
-            changed.sort_by_key(|o| o.key());
-            batch.extend(changed.into_iter().cloned().map(SourceEvent::Apply));
-            if !batch.is_empty() {
-                self.source.apply(batch);
-            }
+        let first = !self.mirror.is_synced();
+        let (objects, invalid) = (desired.len(), errors.len());
+        let reported = self.mirror.publish(&self.source, desired, errors);
+        self.metrics.invalid_objects.inc_by(reported as u64);
+        if first {
+            tracing::info!(objects, invalid, "Kubernetes fully listed: first sync done");
         }
-        self.emitted = desired;
-        for key in self.errors.keys() {
-            if !errors.contains_key(key) {
-                self.source.clear_error(key);
-            }
-        }
-        for (key, reason) in &errors {
-            if self.errors.get(key) != Some(reason) {
-                self.metrics.invalid_objects.inc();
-                self.source.report_error(key, reason);
-            }
-        }
-        self.errors = errors;
         if *self.targets_tx.borrow() != targets {
             self.targets_tx.send_replace(targets);
         }
