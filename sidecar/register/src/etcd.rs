@@ -53,6 +53,9 @@ struct State {
     fenced: bool,
     next_fence_check: Instant,
     registered: bool,
+    /// `<prefix>/service-config/<service>` for a gRPC app: the service's protocol is not an
+    /// instance property in the registry, and without it clients would speak HTTP/1.1 to it.
+    service_config: Option<String>,
 }
 
 enum Event {
@@ -75,6 +78,8 @@ pub(crate) async fn run(
         "{prefix}/services/{}/{}",
         ctx.instance.service, ctx.instance.instance_id
     );
+    let service_config = (ctx.instance.protocol == "grpc")
+        .then(|| format!("{prefix}/service-config/{}", ctx.instance.service));
     let now = Instant::now();
     let mut st = State {
         endpoints,
@@ -92,6 +97,7 @@ pub(crate) async fn run(
         fenced: false,
         next_fence_check: now,
         registered: false,
+        service_config,
     };
     let reply = {
         let keep = st.keep(&mut ctx);
@@ -336,6 +342,9 @@ impl State {
                 PutOutcome::Written => {
                     let first = !self.registered;
                     self.registered = true;
+                    if first {
+                        self.declare_protocol(&mut client).await;
+                    }
                     if self.fenced {
                         tracing::info!(key = %self.key, "etcd key is free again; registered");
                     } else if first {
@@ -373,6 +382,27 @@ impl State {
             }
         }
         Ok(())
+    }
+
+    /// Declares the service's protocol (gRPC) unless some key already says what it is: an
+    /// operator's explicit service-config wins, and nothing here ever overwrites it. Not under
+    /// our lease, as it describes the service, not this instance. Failure is logged, not fatal:
+    /// the instance is registered either way.
+    async fn declare_protocol(&mut self, client: &mut Client) {
+        let Some(key) = self.service_config.clone() else {
+            return;
+        };
+        let txn = Txn::new()
+            .when([Compare::version(key.as_str(), CompareOp::Equal, 0)])
+            .and_then([TxnOp::put(key.as_str(), r#"{"protocol":"grpc"}"#, None)]);
+        match self
+            .call("declaring the service's protocol", client.txn(txn))
+            .await
+        {
+            Ok(r) if r.succeeded() => tracing::info!(%key, "declared the service as gRPC"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(%key, error = %e, "could not declare the service as gRPC"),
+        }
     }
 
     /// Puts `value` under `lease` only if the key is absent or already ours, in one transaction.

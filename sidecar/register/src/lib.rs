@@ -8,10 +8,11 @@
 //! newer one) or a Consul agent (see below). Health changes are pushed at once; deregistration
 //! removes the entry. If the sidecar dies, the entry disappears after its TTL.
 //!
-//! What it does not do: probe health (weft-health-check does), decide when to drain (the
-//! binary does), or write the service's protocol to etcd (`<prefix>/service-config/<service>`
-//! is shared by every instance, so it is left to the operator; the Registration API carries
-//! the protocol with each registration).
+//! What it does not do: probe health (weft-health-check does) or decide when to drain (the
+//! binary does). With etcd, a gRPC app's first registration declares its service's protocol
+//! (`<prefix>/service-config/<service>`, no lease) only if no such key exists yet: the key is
+//! shared by every instance, so an operator's explicit value always wins; the Registration API
+//! carries the protocol with each registration instead.
 //!
 //! ## Consul
 //!

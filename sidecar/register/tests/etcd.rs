@@ -284,3 +284,47 @@ async fn a_fenced_sidecar_does_not_delete_the_other_key_on_deregister() {
     assert_eq!(lease, other);
     assert_eq!(ep.address, "10.0.0.9");
 }
+
+/// A gRPC app declares its service's protocol (clients need HTTP/2), but never over what an
+/// operator already wrote.
+#[tokio::test]
+async fn grpc_instance_declares_the_service_protocol_without_overwriting() {
+    let etcd = Etcd::start().await;
+    let mut c = etcd.client().await;
+    let mut grpc = instance(Duration::from_secs(5));
+    grpc.protocol = "grpc".into();
+
+    let reg = Registration::spawn(backend(etcd.endpoint()), grpc.clone());
+    reg.set_health(Health::Healthy);
+    wait_status(&reg, Duration::from_secs(5), "registered", |s| s.registered).await;
+    let cfg = "/weft/service-config/echo";
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let resp = c.get(cfg, None).await.unwrap();
+        if let Some(kv) = resp.kvs().first() {
+            assert_eq!(kv.value_str().unwrap(), r#"{"protocol":"grpc"}"#);
+            assert_eq!(
+                kv.lease(),
+                0,
+                "the service's protocol must outlive one instance"
+            );
+            break;
+        }
+        assert!(Instant::now() < deadline, "{cfg} never written");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    reg.deregister(Duration::from_secs(5)).await.unwrap();
+
+    // An operator's explicit choice stays.
+    c.put(cfg, r#"{"protocol":"http"}"#, None).await.unwrap();
+    let reg = Registration::spawn(backend(etcd.endpoint()), grpc);
+    reg.set_health(Health::Healthy);
+    wait_status(&reg, Duration::from_secs(5), "registered", |s| s.registered).await;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let resp = c.get(cfg, None).await.unwrap();
+    assert_eq!(
+        resp.kvs().first().unwrap().value_str().unwrap(),
+        r#"{"protocol":"http"}"#
+    );
+    reg.deregister(Duration::from_secs(5)).await.unwrap();
+}
