@@ -54,12 +54,15 @@ pub fn target_dir() -> PathBuf {
     }
 }
 
-/// A workspace binary in the debug profile; an error saying how to build it when absent.
+/// A workspace binary in the debug profile, or the one `$WEFT_BIN_PROFILE` names (`release`
+/// for benchmarks); an error saying how to build it when absent.
 pub fn workspace_bin(name: &str) -> Result<PathBuf> {
-    let p = target_dir().join("debug").join(name);
+    let profile = std::env::var("WEFT_BIN_PROFILE").unwrap_or_else(|_| "debug".to_string());
+    let p = target_dir().join(&profile).join(name);
+    let flag = if profile == "debug" { "" } else { " --release" };
     ensure!(
         p.is_file(),
-        "{} is missing: build it first with `cargo build --workspace --bins` (or `make test`)",
+        "{} is missing: build it first with `cargo build{flag} --workspace --bins` (or `make test`)",
         p.display()
     );
     Ok(p)

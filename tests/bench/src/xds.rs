@@ -1,0 +1,1 @@
+//! The in-tree xDS load client (see `weft-bench-xds`).
