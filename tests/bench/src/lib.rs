@@ -11,6 +11,7 @@
 //! What it does not do: assert. Benchmarks report numbers; timed assertions belong nowhere
 //! (these machines are shared and noisy). Tests live in `tests/`.
 
+pub mod backend;
 pub mod load;
 pub mod procstat;
 pub mod report;

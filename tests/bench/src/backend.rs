@@ -1,0 +1,1 @@
+//! Minimal benchmark backends (see `weft-bench-proxy`).
