@@ -5,6 +5,8 @@
 //! often, so instead of rebuilding, a lookup that lands on an unusable member walks on to the
 //! next usable one. Keys of usable members therefore never move when another one fails.
 
+use std::fmt::Write as _;
+
 use xxhash_rust::xxh64::xxh64;
 
 /// Envoy's default `maximum_ring_size`.
@@ -90,12 +92,21 @@ pub(crate) fn build_ring(members: &[HashMember], min_ring_size: u64) -> HashTabl
         per_weight /= 2.0;
     }
 
-    let mut ring = Vec::new();
+    let entries_of = |m: &HashMember| (f64::from(m.weight) * per_weight).ceil().max(1.0) as u64;
+    let mut ring = Vec::with_capacity(
+        members
+            .iter()
+            .map(|m| usize::try_from(entries_of(m)).unwrap_or(0))
+            .sum(),
+    );
+    // One key buffer rewritten in place: a fresh String per entry was most of the build time
+    // (512,000 entries at 1,000 endpoints).
+    let mut key = String::new();
     for m in members {
         // Every member keeps at least one entry, however light.
-        let entries = (f64::from(m.weight) * per_weight).ceil().max(1.0) as u64;
-        for n in 0..entries {
-            let key = format!("{}_{n}", m.key);
+        for n in 0..entries_of(m) {
+            key.clear();
+            let _ = write!(key, "{}_{n}", m.key);
             ring.push((xxh64(key.as_bytes(), 0), m.index));
         }
     }

@@ -26,6 +26,12 @@
 //!   member a fixed 512 entries per unit of weight (Envoy scales by the lightest member
 //!   instead), so one member leaving moves only its own keys.
 //! - Outlier ejection counts decay by one per `base_ejection_time` spent un-ejected.
+//! - Cost per pick does not grow with the cluster (except smooth weighted round robin, O(N) by
+//!   nature): the candidate pool is cached until availability can change (membership, config,
+//!   a health verdict, an ejection or its end), weighted draws are binary searches, and the
+//!   median behind an unobserved endpoint's cost is only worked out when P2C drew one.
+//!   Consistent-hash tables are built outside the lock, and not at all when an update leaves
+//!   the membership as it was.
 //!
 //! ## Interface contract (shared with weft-sidecar-config and weft-proxy; keep it stable)
 
@@ -42,7 +48,7 @@ mod hashing;
 #[cfg(test)]
 mod tests;
 
-use endpoint::{DEFAULT_RTT, Endpoint, EpState, FAILURE_PENALTY};
+use endpoint::{DEFAULT_RTT, Endpoint, FAILURE_PENALTY, PeakEwma};
 use hashing::{HashMember, HashTable};
 
 /// Health of an endpoint as the registry (EDS) reports it.
@@ -217,7 +223,7 @@ impl Pick {
     pub fn finish(mut self, outcome: Outcome, now: Instant) {
         self.settled = true;
         let mut inner = lock(&self.cluster);
-        inner.settle(&self.endpoint, outcome, now);
+        inner.settle(self.addr, &self.endpoint, outcome, now);
     }
 }
 
@@ -281,6 +287,7 @@ impl Balancer {
                 outlier,
                 members: Vec::new(),
                 table: None,
+                cached_pool: None,
                 rr_next: 0,
                 rng: SmallRng::from_rng(&mut rand::rng()),
             })),
@@ -317,6 +324,7 @@ impl Balancer {
         inner.algorithm = algorithm;
         inner.zone = zone;
         inner.outlier = outlier;
+        inner.cached_pool = None;
         if rebuild {
             inner.rebuild_table();
         }
@@ -328,34 +336,68 @@ impl Balancer {
     ///
     /// A repeated address keeps its first spec; weight 0 counts as 1.
     pub fn update(&self, endpoints: Vec<EndpointSpec>) {
+        let mut seen = std::collections::HashSet::new();
+        let mut specs: Vec<EndpointSpec> = endpoints
+            .into_iter()
+            .filter(|s| seen.insert(s.addr))
+            .map(|mut s| {
+                s.weight = s.weight.max(1);
+                s
+            })
+            .collect();
+        specs.sort_by_key(|s| s.addr);
+
+        // The proxy calls this for every cluster on every accepted xDS change; most leave the
+        // membership as it is, and rebuilding a consistent-hash table is not free.
+        let algorithm = {
+            let inner = lock(&self.shared);
+            if inner.members.len() == specs.len()
+                && inner.members.iter().zip(&specs).all(|(m, s)| m.spec == *s)
+            {
+                return;
+            }
+            inner.algorithm
+        };
+        // Built without the lock, so picks are not held up meanwhile (a 1,000-endpoint ring
+        // takes tens of milliseconds).
+        let table = build_table(algorithm, &specs);
+
         let mut inner = lock(&self.shared);
         let mut old: std::collections::HashMap<SocketAddr, Arc<Endpoint>> = inner
             .members
             .drain(..)
             .map(|m| (m.spec.addr, m.endpoint))
             .collect();
-        let mut members: Vec<Member> = Vec::with_capacity(endpoints.len());
-        let mut seen = std::collections::HashSet::new();
-        for mut spec in endpoints {
-            if !seen.insert(spec.addr) {
-                continue;
-            }
-            spec.weight = spec.weight.max(1);
-            let endpoint = old
-                .remove(&spec.addr)
-                .unwrap_or_else(|| Arc::new(Endpoint::new()));
-            members.push(Member { spec, endpoint });
-        }
-        members.sort_by_key(|m| m.spec.addr);
-        inner.members = members;
-        inner.rebuild_table();
+        let table = if inner.algorithm == algorithm {
+            table
+        } else {
+            // set_config changed the algorithm meanwhile.
+            build_table(inner.algorithm, &specs)
+        };
+        inner.members = specs
+            .into_iter()
+            .map(|spec| {
+                let endpoint = old
+                    .remove(&spec.addr)
+                    .unwrap_or_else(|| Arc::new(Endpoint::new()));
+                Member { spec, endpoint }
+            })
+            .collect();
+        inner.cached_pool = None;
+        inner.table = table;
     }
 
     /// Verdict of an active health check for `addr` (unknown addresses are ignored).
     pub fn set_active_health(&self, addr: SocketAddr, healthy: bool) {
-        let inner = lock(&self.shared);
-        if let Some(m) = inner.member(addr) {
-            lock(&m.endpoint.state).active_healthy = Some(healthy);
+        let mut inner = lock(&self.shared);
+        let changed = inner.member(addr).is_some_and(|m| {
+            let mut st = lock(&m.endpoint.state);
+            let changed = st.active_healthy != Some(healthy);
+            st.active_healthy = Some(healthy);
+            changed
+        });
+        if changed {
+            inner.cached_pool = None;
         }
     }
 
@@ -415,13 +457,37 @@ impl Balancer {
     /// Number of endpoints that can take traffic now (healthy, not ejected, not draining).
     pub fn available(&self, now: Instant) -> usize {
         let inner = lock(&self.shared);
-        inner.refresh_all(now).iter().filter(|&&a| a).count()
+        inner.refresh_all(now).0.iter().filter(|&&a| a).count()
     }
 }
 
 /// The 64-bit hash consistent-hash algorithms use for request keys (xxHash64 like Envoy, seed 0).
 pub fn hash_key(key: &[u8]) -> u64 {
     xxhash_rust::xxh64::xxh64(key, 0)
+}
+
+/// The consistent-hash table of `algorithm` over `specs` (sorted by address, as the members
+/// they index), if it has one.
+fn build_table(algorithm: Algorithm, specs: &[EndpointSpec]) -> Option<HashTable> {
+    let hashing = || -> Vec<HashMember> {
+        specs
+            .iter()
+            .enumerate()
+            .filter(|(_, s)| s.health != EndpointHealth::Draining)
+            .map(|(index, s)| HashMember {
+                index,
+                key: s.addr.to_string(),
+                weight: s.weight,
+            })
+            .collect()
+    };
+    match algorithm {
+        Algorithm::RingHash { min_ring_size } => {
+            Some(hashing::build_ring(&hashing(), min_ring_size))
+        }
+        Algorithm::Maglev { table_size } => Some(hashing::build_maglev(&hashing(), table_size)),
+        _ => None,
+    }
 }
 
 #[derive(Debug)]
@@ -439,8 +505,76 @@ struct Inner {
     /// Sorted by address, so tables and round robin do not depend on discovery's order.
     members: Vec<Member>,
     table: Option<HashTable>,
+    /// The candidate pool of picks without exclusions, kept until something that decides
+    /// availability changes: membership, config, an active-health verdict, an ejection, or the
+    /// end of the earliest ejection. Recomputing it locks every endpoint, which made every
+    /// pick O(N) (166 µs per peak-EWMA pick at 1,000 endpoints).
+    cached_pool: Option<Pool>,
     rr_next: usize,
     rng: SmallRng,
+}
+
+/// The endpoints a pick chooses from, as indices into `Inner::members`, with what the
+/// algorithms need to choose in O(1) or O(log N).
+#[derive(Debug)]
+struct Pool {
+    members: Vec<usize>,
+    /// `cumulative[k]`: total weight of `members[..=k]`, for weighted draws by binary search.
+    cumulative: Vec<u64>,
+    /// Per member index: in the pool (consistent-hash lookups walk past the others).
+    in_pool: Vec<bool>,
+    /// The pool changes by itself when the earliest ejection among the members ends.
+    valid_until: Option<Instant>,
+}
+
+impl Pool {
+    fn new(members: Vec<usize>, all: &[Member], valid_until: Option<Instant>) -> Self {
+        let mut total = 0u64;
+        let cumulative = members
+            .iter()
+            .map(|&i| {
+                total += u64::from(all[i].spec.weight);
+                total
+            })
+            .collect();
+        let mut in_pool = vec![false; all.len()];
+        for &i in &members {
+            in_pool[i] = true;
+        }
+        Self {
+            members,
+            cumulative,
+            in_pool,
+            valid_until,
+        }
+    }
+
+    fn valid_at(&self, now: Instant) -> bool {
+        self.valid_until.is_none_or(|end| now < end)
+    }
+
+    /// A position in `members` drawn with probability proportional to weight, other than
+    /// position `skip`. The same draw as a linear walk over the weights, in O(log N).
+    fn draw(&self, rng: &mut SmallRng, skip: Option<usize>) -> Option<usize> {
+        let total = self.cumulative.last().copied()?;
+        let (skip_start, skip_weight) = match skip {
+            Some(s) => {
+                let end = *self.cumulative.get(s)?;
+                let start = if s == 0 { 0 } else { self.cumulative[s - 1] };
+                (start, end - start)
+            }
+            None => (total, 0),
+        };
+        let span = total - skip_weight;
+        if span == 0 {
+            return None;
+        }
+        let mut r = rng.random_range(0..span);
+        if r >= skip_start {
+            r += skip_weight;
+        }
+        Some(self.cumulative.partition_point(|&c| c <= r))
+    }
 }
 
 impl Inner {
@@ -464,43 +598,47 @@ impl Inner {
         if observed.is_empty() {
             return DEFAULT_RTT.as_secs_f64() * 1e9;
         }
-        observed.sort_by(f64::total_cmp);
-        observed[observed.len() / 2]
+        let mid = observed.len() / 2;
+        *observed.select_nth_unstable_by(mid, f64::total_cmp).1
     }
 
     fn rebuild_table(&mut self) {
-        let hashing: Vec<HashMember> = self
-            .members
-            .iter()
-            .enumerate()
-            .filter(|(_, m)| m.spec.health != EndpointHealth::Draining)
-            .map(|(index, m)| HashMember {
-                index,
-                key: m.spec.addr.to_string(),
-                weight: m.spec.weight,
-            })
-            .collect();
-        self.table = match self.algorithm {
-            Algorithm::RingHash { min_ring_size } => {
-                Some(hashing::build_ring(&hashing, min_ring_size))
-            }
-            Algorithm::Maglev { table_size } => Some(hashing::build_maglev(&hashing, table_size)),
-            _ => None,
-        };
+        let specs: Vec<EndpointSpec> = self.members.iter().map(|m| m.spec.clone()).collect();
+        self.table = build_table(self.algorithm, &specs);
     }
 
-    /// Ends expired ejections and returns, per member, whether it can take traffic.
-    fn refresh_all(&self, now: Instant) -> Vec<bool> {
-        self.members
+    /// Ends expired ejections and returns, per member, whether it can take traffic, and when
+    /// the earliest ejection still running ends.
+    fn refresh_all(&self, now: Instant) -> (Vec<bool>, Option<Instant>) {
+        let mut next_return: Option<Instant> = None;
+        let available = self
+            .members
             .iter()
             .map(|m| {
                 let mut st = lock(&m.endpoint.state);
                 st.refresh(now, self.outlier.as_ref());
+                if let Some(end) = st.ejected_until {
+                    next_return = Some(next_return.map_or(end, |t| t.min(end)));
+                }
                 m.spec.health == EndpointHealth::Healthy
                     && st.active_healthy != Some(false)
                     && !st.is_ejected()
             })
-            .collect()
+            .collect();
+        (available, next_return)
+    }
+
+    /// The pool for a pick avoiding `exclude`: the cached one when nothing is excluded.
+    fn take_pool(&mut self, exclude: &[SocketAddr], now: Instant) -> Pool {
+        if exclude.is_empty()
+            && let Some(pool) = self.cached_pool.take()
+            && pool.valid_at(now)
+        {
+            return pool;
+        }
+        let (available, valid_until) = self.refresh_all(now);
+        let members = self.pool(&available, exclude);
+        Pool::new(members, &self.members, valid_until)
     }
 
     /// The candidate pool (zone preference, then panic), narrowed by `exclude`.
@@ -560,46 +698,54 @@ impl Inner {
     }
 
     fn choose(&mut self, hash: Option<u64>, exclude: &[SocketAddr], now: Instant) -> Option<usize> {
-        let available = self.refresh_all(now);
-        let pool = self.pool(&available, exclude);
-        if pool.is_empty() {
-            return None;
+        let pool = self.take_pool(exclude, now);
+        let chosen = self.choose_from(&pool, hash, now);
+        if exclude.is_empty() {
+            self.cached_pool = Some(pool);
         }
-        if pool.len() == 1 {
-            return Some(pool[0]);
+        chosen
+    }
+
+    fn choose_from(&mut self, pool: &Pool, hash: Option<u64>, now: Instant) -> Option<usize> {
+        match pool.members.as_slice() {
+            [] => return None,
+            [only] => return Some(*only),
+            _ => {}
         }
         match self.algorithm {
             Algorithm::RoundRobin => {
-                let i = pool[self.rr_next % pool.len()];
+                let i = pool.members[self.rr_next % pool.members.len()];
                 self.rr_next = self.rr_next.wrapping_add(1);
                 Some(i)
             }
-            Algorithm::WeightedRoundRobin => Some(self.smooth_wrr(&pool)),
-            Algorithm::Random => self.weighted_draw(&pool, None),
-            Algorithm::LeastRequest => self.p2c(&pool, |st| st.in_flight as f64),
+            Algorithm::WeightedRoundRobin => Some(self.smooth_wrr(&pool.members)),
+            Algorithm::Random => self.weighted_draw(pool, None),
+            Algorithm::LeastRequest => self.p2c(pool, |in_flight, _, _| in_flight as f64),
             Algorithm::PeakEwma => {
-                let prior = self.median_ewma_ns(now);
-                self.p2c(&pool, |st| {
-                    st.ewma.get(now, prior) * (st.in_flight as f64 + 1.0)
+                // The median is O(N): only worked out when a candidate has never answered.
+                let mut prior: Option<f64> = None;
+                self.p2c(pool, |in_flight, ewma, inner| {
+                    let prior = if ewma.has_observations() {
+                        0.0
+                    } else {
+                        *prior.get_or_insert_with(|| inner.median_ewma_ns(now))
+                    };
+                    ewma.get(now, prior) * (in_flight as f64 + 1.0)
                 })
             }
             Algorithm::RingHash { .. } | Algorithm::Maglev { .. } => {
                 let Some(hash) = hash else {
-                    return self.weighted_draw(&pool, None);
+                    return self.weighted_draw(pool, None);
                 };
-                let mut in_pool = vec![false; self.members.len()];
-                for &i in &pool {
-                    in_pool[i] = true;
-                }
                 self.table
                     .as_ref()
-                    .and_then(|t| t.lookup(hash, |i| in_pool[i]))
-                    .or_else(|| self.weighted_draw(&pool, None))
+                    .and_then(|t| t.lookup(hash, |i| pool.in_pool[i]))
+                    .or_else(|| self.weighted_draw(pool, None))
             }
         }
     }
 
-    /// nginx's smooth weighted round robin over `pool`.
+    /// nginx's smooth weighted round robin over `pool` (inherently O(N) per pick).
     fn smooth_wrr(&self, pool: &[usize]) -> usize {
         let total: i64 = pool
             .iter()
@@ -618,47 +764,49 @@ impl Inner {
         chosen
     }
 
-    /// Weighted random member of `pool`, other than `skip`.
-    fn weighted_draw(&mut self, pool: &[usize], skip: Option<usize>) -> Option<usize> {
-        let weight = |i: usize| u64::from(self.members[i].spec.weight);
-        let total: u64 = pool
-            .iter()
-            .copied()
-            .filter(|&i| Some(i) != skip)
-            .map(weight)
-            .sum();
-        if total == 0 {
-            return None;
-        }
-        let mut r = self.rng.random_range(0..total);
-        for &i in pool.iter().filter(|&&i| Some(i) != skip) {
-            let w = weight(i);
-            if r < w {
-                return Some(i);
-            }
-            r -= w;
-        }
-        None
+    /// Weighted random member of `pool`.
+    fn weighted_draw(&mut self, pool: &Pool, skip: Option<usize>) -> Option<usize> {
+        pool.draw(&mut self.rng, skip).map(|k| pool.members[k])
     }
 
     /// Power of two choices: two distinct weighted draws, the lower cost wins (the first on a
     /// tie, which keeps weights meaningful when costs are equal).
-    fn p2c(&mut self, pool: &[usize], cost: impl Fn(&EpState) -> f64) -> Option<usize> {
-        let a = self.weighted_draw(pool, None)?;
-        let Some(b) = self.weighted_draw(pool, Some(a)) else {
-            return Some(a);
+    fn p2c(
+        &mut self,
+        pool: &Pool,
+        mut cost: impl FnMut(u64, &PeakEwma, &Self) -> f64,
+    ) -> Option<usize> {
+        let a = pool.draw(&mut self.rng, None)?;
+        let Some(b) = pool.draw(&mut self.rng, Some(a)) else {
+            return Some(pool.members[a]);
         };
-        let cost_a = cost(&lock(&self.members[a].endpoint.state));
-        let cost_b = cost(&lock(&self.members[b].endpoint.state));
+        let (a, b) = (pool.members[a], pool.members[b]);
+        // Costs are worked out on copies: the median behind an unobserved endpoint's cost
+        // locks every endpoint, this one included.
+        let cost_of = |i: usize, cost: &mut dyn FnMut(u64, &PeakEwma, &Self) -> f64| {
+            let (in_flight, ewma) = {
+                let st = lock(&self.members[i].endpoint.state);
+                (st.in_flight, st.ewma.clone())
+            };
+            cost(in_flight, &ewma, self)
+        };
+        let cost_a = cost_of(a, &mut cost);
+        let cost_b = cost_of(b, &mut cost);
         Some(if cost_b < cost_a { b } else { a })
     }
 
-    /// Settles a finished request on `endpoint` (which may have left the membership).
-    fn settle(&mut self, endpoint: &Arc<Endpoint>, outcome: Outcome, now: Instant) {
+    /// Settles a finished request on `endpoint` at `addr` (which may have left the
+    /// membership).
+    fn settle(
+        &mut self,
+        addr: SocketAddr,
+        endpoint: &Arc<Endpoint>,
+        outcome: Outcome,
+        now: Instant,
+    ) {
         let is_member = self
-            .members
-            .iter()
-            .any(|m| Arc::ptr_eq(&m.endpoint, endpoint));
+            .member(addr)
+            .is_some_and(|m| Arc::ptr_eq(&m.endpoint, endpoint));
         let outlier = if is_member {
             self.outlier.clone()
         } else {
@@ -715,6 +863,7 @@ impl Inner {
         // soon as another endpoint has returned.
         if allowed {
             lock(&endpoint.state).eject(now, &cfg);
+            self.cached_pool = None;
         }
     }
 }
