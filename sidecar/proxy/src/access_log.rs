@@ -26,6 +26,18 @@ impl Direction {
     }
 }
 
+/// Displays the value, or nothing when there is none.
+struct OrEmpty<T>(Option<T>);
+
+impl<T: std::fmt::Display> std::fmt::Display for OrEmpty<T> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match &self.0 {
+            Some(v) => v.fmt(f),
+            None => Ok(()),
+        }
+    }
+}
+
 /// Where finished requests are reported.
 pub(crate) struct Telemetry {
     pub metrics: Metrics,
@@ -94,8 +106,8 @@ impl Drop for Finisher {
                 service: l.service.clone(),
             })
             .observe(elapsed.as_secs_f64());
-        let upstream = l.upstream.map(|a| a.to_string()).unwrap_or_default();
-        let parent = l.ctx.parent_id.map(|p| p.to_string()).unwrap_or_default();
+        // The fields are formatted straight into the log line (no intermediate Strings), and
+        // not at all when `weft::access` is filtered out.
         tracing::info!(
             target: "weft::access",
             direction = l.direction.as_str(),
@@ -103,18 +115,19 @@ impl Drop for Finisher {
             authority = %l.authority,
             path = %l.path,
             status = l.status,
-            upstream = %upstream,
+            upstream = %OrEmpty(l.upstream),
             duration_ms = elapsed.as_secs_f64() * 1000.0,
             retries = l.retries,
             trace_id = %l.ctx.trace_id,
             span_id = %l.ctx.span_id,
-            parent_span_id = %parent,
+            parent_span_id = %OrEmpty(l.ctx.parent_id),
             error = l.error.unwrap_or(""),
             "request"
         );
-        if !l.ctx.sampled {
+        if !l.ctx.sampled || !self.telemetry.spans.enabled() {
             return;
         }
+        let upstream = l.upstream.map(|a| a.to_string()).unwrap_or_default();
         let service = if l.service.is_empty() {
             l.authority.clone()
         } else {

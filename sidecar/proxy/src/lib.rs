@@ -82,6 +82,12 @@ pub enum SpanKind {
 /// Where finished sampled spans go (the binary's OTLP exporter). Must not block.
 pub trait SpanSink: Send + Sync + 'static {
     fn record(&self, span: SpanRecord);
+
+    /// `false` when every span would be thrown away: the proxy then does not build them (a
+    /// span is a handful of allocations and formatted strings per request).
+    fn enabled(&self) -> bool {
+        true
+    }
 }
 
 /// Discards spans (no `--otlp-endpoint`).
@@ -90,6 +96,10 @@ pub struct NoSpans;
 
 impl SpanSink for NoSpans {
     fn record(&self, _span: SpanRecord) {}
+
+    fn enabled(&self) -> bool {
+        false
+    }
 }
 
 /// Settings that are not xDS.
