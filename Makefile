@@ -4,6 +4,7 @@
 #   make lint   rustfmt check + clippy -D warnings
 #   make crds   regenerate charts/weft/crds from the Rust types (control-plane/crds)
 #   make chart  helm lint/template + kubernetes-validate of charts/weft (part of make test)
+#   make bench  release build, then every benchmark (results in target/bench; see BENCHMARKS.md)
 
 SHELL := /bin/bash
 CARGO ?= cargo
@@ -12,7 +13,7 @@ VENV := .venv
 NODE_DIR := tests/clients/node
 PY_REQS := tests/clients/python/requirements.txt
 
-.PHONY: run test lint deps build crds chart
+.PHONY: run test lint deps build crds chart bench
 
 run:
 	$(CARGO) build -p weft-control-plane -p weft-demo-backend
@@ -62,6 +63,11 @@ test: deps build chart
 	else \
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
+
+# Not part of `make test` or CI: benchmarks measure, they do not pass or fail.
+bench: deps
+	$(CARGO) build --release --workspace --bins
+	bash tests/bench/run.sh
 
 lint:
 	$(CARGO) fmt --all --check

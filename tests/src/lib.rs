@@ -1531,6 +1531,9 @@ pub struct SidecarArgs {
     pub drain_delay: String,
     pub shutdown_grace: String,
     pub extra: Vec<String>,
+    /// Extra environment variables (e.g. `TOKIO_WORKER_THREADS` for benchmarks); applied
+    /// after `RUST_LOG`, so they may override it.
+    pub env: Vec<(String, String)>,
     pub wait: SidecarWait,
 }
 
@@ -1559,6 +1562,7 @@ impl SidecarArgs {
             drain_delay: "1500ms".into(),
             shutdown_grace: "10s".into(),
             extra: Vec::new(),
+            env: Vec::new(),
             wait: SidecarWait::Ready,
         }
     }
@@ -1624,6 +1628,11 @@ impl SidecarArgs {
 
     pub fn wait(mut self, w: SidecarWait) -> Self {
         self.wait = w;
+        self
+    }
+
+    pub fn env(mut self, key: &str, value: &str) -> Self {
+        self.env.push((key.to_string(), value.to_string()));
         self
     }
 
@@ -1725,6 +1734,7 @@ impl Sidecar {
                 "RUST_LOG",
                 std::env::var("WEFT_TEST_SIDECAR_LOG").unwrap_or_else(|_| "info".into()),
             )
+            .envs(args.env.iter().map(|(k, v)| (k, v)))
             .current_dir(ctx.dir());
         let proc = Proc::spawn(ctx, &args.name, cmd, false, false)?;
         let mut sc = Self {

@@ -249,53 +249,69 @@ pub async fn fixed_rate(target: &Target, cfg: &FixedRate) -> Result<LoadResult> 
         bail!("rate must be positive");
     }
     let sender = Sender::connect(target).await?;
-    if !cfg.warmup.is_zero() {
-        run_open_loop(&sender, cfg.rate, cfg.warmup, cfg.timeout, &[]).await?;
-    }
-    run_open_loop(
-        &sender,
-        cfg.rate,
-        cfg.duration,
-        cfg.timeout,
-        &cfg.thresholds,
-    )
-    .await
+    run_open_loop(&sender, cfg).await
 }
 
-async fn run_open_loop(
-    sender: &Sender,
-    rate: u32,
-    duration: Duration,
-    timeout: Duration,
-    thresholds: &[Duration],
-) -> Result<LoadResult> {
-    let total = (duration.as_secs_f64() * f64::from(rate)).round() as u64;
+/// One uninterrupted schedule: the warm-up's requests are sent but not recorded, and the
+/// measured window follows without a pause (waiting for slow warm-up requests to finish
+/// first would let a balancer's state age in between).
+async fn run_open_loop(sender: &Sender, cfg: &FixedRate) -> Result<LoadResult> {
+    let rate = cfg.rate;
+    let timeout = cfg.timeout;
+    let total = ((cfg.warmup + cfg.duration).as_secs_f64() * f64::from(rate)).round() as u64;
     let period = Duration::from_secs_f64(1.0 / f64::from(rate));
     let rec = Arc::new(Mutex::new(Recorder::new()?));
     let start = Instant::now();
+    let measured_from = start + cfg.warmup;
+    let mut measured = 0u64;
+    // tokio's timer rounds every deadline up to the next millisecond, which would add up to a
+    // millisecond of the generator's own lateness to latencies measured in tens of
+    // microseconds. A plain thread sleeps to within tens of microseconds (hrtimers) and hands
+    // each due request to the runtime over a channel, which wakes it at once.
+    let (due_tx, mut due) = tokio::sync::mpsc::unbounded_channel::<Instant>();
+    let ticker = std::thread::Builder::new()
+        .name("load-ticker".into())
+        .spawn(move || {
+            for i in 0..total {
+                let scheduled = start + period.mul_f64(i as f64);
+                let now = Instant::now();
+                if scheduled > now {
+                    std::thread::sleep(scheduled - now);
+                }
+                if due_tx.send(scheduled).is_err() {
+                    break;
+                }
+            }
+        })
+        .context("starting the load ticker thread")?;
     let mut tasks = tokio::task::JoinSet::new();
-    for i in 0..total {
-        let scheduled = start + period.mul_f64(i as f64);
-        tokio::time::sleep_until(scheduled.into()).await;
+    while let Some(scheduled) = due.recv().await {
         let sender = sender.clone();
         let rec = rec.clone();
+        let record = scheduled >= measured_from;
+        measured += u64::from(record);
         tasks.spawn(async move {
             let outcome = match tokio::time::timeout(timeout, sender.send()).await {
                 Ok(o) => o,
                 Err(_) => Err(()),
             };
             let latency = scheduled.elapsed();
-            rec.lock().await.record(outcome, latency);
+            if record {
+                rec.lock().await.record(outcome, latency);
+            }
         });
         // Reap finished tasks as we go so the set stays small.
         while tasks.try_join_next().is_some() {}
     }
+    if ticker.join().is_err() {
+        bail!("the load ticker thread panicked");
+    }
     while tasks.join_next().await.is_some() {}
-    let elapsed = start.elapsed();
+    let elapsed = measured_from.elapsed();
     let rec = Arc::try_unwrap(rec)
         .map_err(|_| anyhow::anyhow!("recorder still shared"))?
         .into_inner();
-    Ok(rec.finish(total, elapsed, thresholds))
+    Ok(rec.finish(measured, elapsed, &cfg.thresholds))
 }
 
 /// Closed-loop: `concurrency` workers each send the next request as soon as the previous one
