@@ -12,7 +12,9 @@ use clap::Parser;
 /// With no source flags it runs on its embedded registry alone: workloads register through the
 /// registration API (weft.registry.v1) on the xDS port.
 #[derive(Debug, Clone, Parser)]
-#[command(name = "weft-control-plane", version)]
+// A flag given twice takes the last value, so a wrapper script (or the benchmarks) can override
+// what an earlier argument set.
+#[command(name = "weft-control-plane", version, args_override_self = true)]
 pub struct Config {
     /// Address of the gRPC port: xDS (ADS, CDS, EDS, LDS, RDS) and the registration API.
     #[arg(long, env = "WEFT_XDS_LISTEN", default_value = "0.0.0.0:18000")]

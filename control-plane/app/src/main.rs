@@ -185,6 +185,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     ];
     let flavors: Vec<&str> = Flavor::ALL.iter().map(|f| f.as_str()).collect();
     let cache = Cache::new(&flavors, &types);
+    cache.register_metrics(&mut metrics);
     let opts = translate::Options {
         http_listener_address: cfg.envoy_http_address.clone(),
         http_listener_port: cfg.envoy_http_port,
@@ -245,8 +246,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     let admin_listener = tokio::net::TcpListener::bind(cfg.admin_listen)
         .await
         .with_context(|| format!("binding the admin port {}", cfg.admin_listen))?;
-    let xds_listener = tokio::net::TcpListener::bind(cfg.xds_listen)
-        .await
+    let xds_listener = listen_with_backlog(cfg.xds_listen, XDS_BACKLOG)
         .with_context(|| format!("binding the xDS port {}", cfg.xds_listen))?;
 
     let mut tasks = tokio::task::JoinSet::new();
@@ -345,6 +345,29 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     }
     tasks.abort_all();
     Ok(())
+}
+
+/// Pending connections the xDS port queues before the kernel drops them. A control-plane
+/// restart makes every proxy reconnect at once; with tokio's default of 1,024, a burst of a
+/// few thousand overflowed the accept queue and, with SYN cookies, clients saw their new
+/// connections reset. The kernel caps it at `net.core.somaxconn`.
+const XDS_BACKLOG: u32 = 8192;
+
+fn listen_with_backlog(
+    addr: std::net::SocketAddr,
+    backlog: u32,
+) -> std::io::Result<tokio::net::TcpListener> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()?
+    } else {
+        tokio::net::TcpSocket::new_v6()?
+    };
+    // As TcpListener::bind does: a restarted control plane can bind while old connections
+    // linger in TIME_WAIT.
+    #[cfg(unix)]
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(backlog)
 }
 
 fn tokio_stream_incoming(

@@ -14,11 +14,11 @@
 //! when (that is `weft-xds-server`), or know where data came from.
 
 use std::collections::{BTreeMap, HashMap};
-use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::time::Instant;
 
 use bytes::Bytes;
+use prometheus_client::metrics::counter::Counter;
 use prost::Message;
 use tokio::sync::watch;
 
@@ -36,15 +36,47 @@ pub struct EncodedResource {
     pub changed_at: Instant,
 }
 
-/// All resources of one type for one flavour.
+/// All resources of one type for one flavour. Shared (`Arc`) between successive
+/// [`FlavorSnapshot`]s while the type does not change, and by every stream that holds it.
 #[derive(Debug, Clone, Default)]
 pub struct TypeSnapshot {
     pub resources: BTreeMap<String, Arc<EncodedResource>>,
-    /// Hash over every (name, version): equal iff the type's content is equal.
+    /// Hash over every (name, version): equal iff the type's content is equal. Also the SotW
+    /// `version_info` of a response carrying every resource.
     pub version: String,
+    /// See [`TypeSnapshot::sotw_resources`].
+    sotw_resources: OnceLock<Bytes>,
 }
 
 impl TypeSnapshot {
+    /// The `resources` field (2) of a SotW `DiscoveryResponse` carrying every resource of the
+    /// type, in name order: built on first use, then shared. Without it each of M streams
+    /// sending the whole type would copy every resource into its own response.
+    pub fn sotw_resources(&self) -> &Bytes {
+        self.sotw_resources.get_or_init(|| {
+            let len: usize = self
+                .resources
+                .values()
+                .map(|r| {
+                    prost::encoding::key_len(2)
+                        + prost::encoding::encoded_len_varint(r.any.len() as u64)
+                        + r.any.len()
+                })
+                .sum();
+            let mut buf = Vec::with_capacity(len);
+            for r in self.resources.values() {
+                prost::encoding::encode_key(
+                    2,
+                    prost::encoding::WireType::LengthDelimited,
+                    &mut buf,
+                );
+                prost::encoding::encode_varint(r.any.len() as u64, &mut buf);
+                buf.extend_from_slice(&r.any);
+            }
+            Bytes::from(buf)
+        })
+    }
+
     fn recompute_version(&mut self) {
         let mut h = xxhash_rust::xxh3::Xxh3::new();
         for (name, r) in &self.resources {
@@ -62,11 +94,13 @@ impl TypeSnapshot {
 pub struct FlavorSnapshot {
     /// Increases with every change published for this flavour.
     pub generation: u64,
-    pub types: HashMap<String, TypeSnapshot>,
+    /// A type that did not change keeps its `Arc`: publishing a change copies nothing of the
+    /// other types, and a stream can tell an unchanged type by pointer.
+    pub types: HashMap<String, Arc<TypeSnapshot>>,
 }
 
 impl FlavorSnapshot {
-    pub fn get(&self, type_url: &str) -> Option<&TypeSnapshot> {
+    pub fn get(&self, type_url: &str) -> Option<&Arc<TypeSnapshot>> {
         self.types.get(type_url)
     }
 
@@ -137,7 +171,8 @@ pub struct ApplyStats {
 #[derive(Debug)]
 pub struct Cache {
     flavors: HashMap<String, watch::Sender<Arc<FlavorSnapshot>>>,
-    encodes: AtomicU64,
+    /// Also `weft_xds_cache_encodes_total` on /metrics.
+    encodes: Counter,
 }
 
 impl Cache {
@@ -150,7 +185,7 @@ impl Cache {
                 for t in type_urls {
                     let mut ts = TypeSnapshot::default();
                     ts.recompute_version();
-                    snap.types.insert((*t).to_string(), ts);
+                    snap.types.insert((*t).to_string(), Arc::new(ts));
                 }
                 let (tx, _) = watch::channel(Arc::new(snap));
                 ((*f).to_string(), tx)
@@ -158,7 +193,7 @@ impl Cache {
             .collect();
         Arc::new(Cache {
             flavors,
-            encodes: AtomicU64::new(0),
+            encodes: Counter::default(),
         })
     }
 
@@ -178,7 +213,17 @@ impl Cache {
     /// How many resources have been wrapped and encoded since start: one per changed resource,
     /// however many streams there are.
     pub fn encodes_total(&self) -> u64 {
-        self.encodes.load(Ordering::Relaxed)
+        self.encodes.get()
+    }
+
+    /// Registers `weft_xds_cache_encodes_total`: it must grow by the number of changed
+    /// resources per change, however many clients are connected.
+    pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
+        reg.register(
+            "weft_xds_cache_encodes",
+            "Resources encoded by the xDS cache (once per changed resource, shared by all streams)",
+            self.encodes.clone(),
+        );
     }
 
     /// Applies updates to one flavour atomically: streams see all of them or none. Publishes
@@ -217,7 +262,7 @@ impl Cache {
                     _ => {
                         stats.changed += 1;
                         type_changed = true;
-                        self.encodes.fetch_add(1, Ordering::Relaxed);
+                        self.encodes.inc();
                         let r = encode(&type_url, name.clone(), version, &bytes, changed_at);
                         resources.insert(name, Arc::new(r));
                     }
@@ -242,10 +287,10 @@ impl Cache {
             let snap = next.get_or_insert_with(|| (*current).clone());
             let mut ts = TypeSnapshot {
                 resources,
-                version: String::new(),
+                ..Default::default()
             };
             ts.recompute_version();
-            snap.types.insert(type_url, ts);
+            snap.types.insert(type_url, Arc::new(ts));
         }
         if let Some(mut snap) = next {
             snap.generation = current.generation + 1;

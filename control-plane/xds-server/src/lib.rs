@@ -5,13 +5,15 @@
 //!   `initial_resource_versions`, push order) as a pure state machine per stream.
 //! - [`stream`](crate::stream): one task per stream, feeding requests and cache changes to it.
 //! - [`codec`]: responses written from the cache's pre-encoded bytes (encode once per change,
-//!   not once per stream).
+//!   not once per stream); `body`: the response side of a stream, which keeps no buffer
+//!   between responses.
 //! - [`XdsServer`]: the tonic services, `/debug/clients` data, metrics, and drain on shutdown.
 //!
 //! What it does not do: translation or knowing where config came from. It serves whatever is
 //! in the [`weft_xds_cache::Cache`], choosing a flavour per client with the classifier it is
 //! given.
 
+mod body;
 pub mod codec;
 pub mod metrics;
 mod server;

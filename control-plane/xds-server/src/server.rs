@@ -10,14 +10,17 @@ use std::time::SystemTime;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use serde::Serialize;
 use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
 use tonic::codegen::{Body, BoxFuture, Context, Poll, Service, StdError, http};
 use tonic::server::NamedService;
 use tonic::{Status, Streaming};
+
+use crate::body::ResponseBody;
 use weft_xds_cache::Cache;
 
 use crate::metrics::XdsMetrics;
-use crate::state::{CLUSTER, ENDPOINT, LISTENER, ROUTE, StreamState, TypeStatus, Variant};
+use crate::state::{
+    CLUSTER, ENDPOINT, LISTENER, NameSets, ROUTE, StreamState, TypeStatus, Variant,
+};
 use crate::stream::{Delta, Flow, Sotw, run};
 
 /// Decides a client's flavour (which cache view it gets) from its node.
@@ -30,6 +33,8 @@ pub(crate) struct Inner {
     pub(crate) drain: watch::Receiver<bool>,
     clients: Mutex<BTreeMap<u64, ClientEntry>>,
     next_id: AtomicU64,
+    /// Subscription name sets shared by every stream.
+    pub(crate) name_sets: Arc<NameSets>,
 }
 
 pub(crate) struct ClientEntry {
@@ -140,6 +145,7 @@ impl XdsServer {
                 drain,
                 clients: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(0),
+                name_sets: Arc::default(),
             }),
         }
     }
@@ -302,17 +308,9 @@ where
         let method = req.uri().path().rsplit('/').next().unwrap_or("");
         let inner = Arc::clone(&self.inner);
         if method == K::SOTW {
-            Box::pin(async move {
-                let codec = tonic_prost::ProstCodec::<crate::codec::SotwResponse, _>::default();
-                let svc = StreamSvc::<Sotw, K>::new(inner);
-                Ok(tonic::server::Grpc::new(codec).streaming(svc, req).await)
-            })
+            Box::pin(async move { Ok(start::<Sotw, K, B>(inner, req)) })
         } else if method == K::DELTA {
-            Box::pin(async move {
-                let codec = tonic_prost::ProstCodec::<crate::codec::DeltaResponse, _>::default();
-                let svc = StreamSvc::<Delta, K>::new(inner);
-                Ok(tonic::server::Grpc::new(codec).streaming(svc, req).await)
-            })
+            Box::pin(async move { Ok(start::<Delta, K, B>(inner, req)) })
         } else {
             let status = Status::unimplemented(format!(
                 "method `{}` is not served; use {} or {}",
@@ -325,36 +323,51 @@ where
     }
 }
 
-struct StreamSvc<F, K> {
+/// The largest request accepted (tonic's default); a larger one ends the stream.
+const MAX_REQUEST: usize = 4 * 1024 * 1024;
+
+/// A request decoder whose buffer starts at 1 KiB instead of tonic's 8 KiB. The buffer lives
+/// as long as the stream and most requests (ACKs) are a few hundred bytes; it still grows to
+/// the largest request when one is larger.
+struct SmallBuffer<D>(D);
+
+impl<D: tonic::codec::Decoder> tonic::codec::Decoder for SmallBuffer<D> {
+    type Item = D::Item;
+    type Error = D::Error;
+
+    fn decode(
+        &mut self,
+        src: &mut tonic::codec::DecodeBuf<'_>,
+    ) -> Result<Option<Self::Item>, Self::Error> {
+        self.0.decode(src)
+    }
+
+    fn buffer_settings(&self) -> tonic::codec::BufferSettings {
+        tonic::codec::BufferSettings::new(1024, 32 * 1024)
+    }
+}
+
+/// Starts a stream: requests are decoded by tonic, responses written by [`ResponseBody`]
+/// (see `body.rs` for why not by tonic's encoder).
+fn start<F: Flow, K: Kind, B>(
     inner: Arc<Inner>,
-    _p: PhantomData<(F, K)>,
-}
-
-impl<F, K> StreamSvc<F, K> {
-    fn new(inner: Arc<Inner>) -> Self {
-        Self {
-            inner,
-            _p: PhantomData,
-        }
-    }
-}
-
-impl<F: Flow, K: Kind> tonic::server::StreamingService<F::Req> for StreamSvc<F, K> {
-    type Response = F::Resp;
-    type ResponseStream = ReceiverStream<Result<F::Resp, Status>>;
-    type Future = BoxFuture<tonic::Response<Self::ResponseStream>, Status>;
-
-    fn call(&mut self, request: tonic::Request<Streaming<F::Req>>) -> Self::Future {
-        // Small: at most one un-ACKed response per type is ever queued (four types), so a slow
-        // client back-pressures its own task and nothing else.
-        let (tx, rx) = mpsc::channel(8);
-        tokio::spawn(run::<F>(
-            Arc::clone(&self.inner),
-            K::LABEL,
-            K::ONLY_TYPE,
-            request.into_inner(),
-            tx,
-        ));
-        Box::pin(async move { Ok(tonic::Response::new(ReceiverStream::new(rx))) })
-    }
+    req: http::Request<B>,
+) -> http::Response<tonic::body::Body>
+where
+    B: Body + Send + 'static,
+    B::Error: Into<StdError> + Send + 'static,
+{
+    use tonic::codec::Codec;
+    let decoder = SmallBuffer(tonic_prost::ProstCodec::<F::Resp, F::Req>::default().decoder());
+    let requests = Streaming::new_request(decoder, req.into_body(), None, Some(MAX_REQUEST));
+    // Small: at most one un-ACKed response per type is ever queued (four types), so a slow
+    // client back-pressures its own task and nothing else.
+    let (tx, rx) = mpsc::channel(8);
+    tokio::spawn(run::<F>(inner, K::LABEL, K::ONLY_TYPE, requests, tx));
+    let mut resp = http::Response::new(tonic::body::Body::new(ResponseBody::new(rx)));
+    resp.headers_mut().insert(
+        http::header::CONTENT_TYPE,
+        http::HeaderValue::from_static("application/grpc"),
+    );
+    resp
 }

@@ -21,13 +21,16 @@
 //! - Make-before-break: responses go out in the order Cluster, Endpoint, Listener, Route, and a
 //!   cluster that changed has its endpoints re-sent after it.
 
+use std::cmp::Ordering;
 use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::hash::{Hash, Hasher};
+use std::sync::{Arc, Mutex, Weak};
 use std::time::{Duration, Instant, SystemTime};
 
 use bytes::Bytes;
 use envoy_types::pb::envoy::service::discovery::v3::{DeltaDiscoveryRequest, DiscoveryRequest};
 use serde::Serialize;
-use weft_xds_cache::FlavorSnapshot;
+use weft_xds_cache::{EncodedResource, FlavorSnapshot, TypeSnapshot};
 
 pub const CLUSTER: &str = "type.googleapis.com/envoy.config.cluster.v3.Cluster";
 pub const ENDPOINT: &str = "type.googleapis.com/envoy.config.endpoint.v3.ClusterLoadAssignment";
@@ -102,13 +105,210 @@ struct Pending {
     oldest_change: Option<Instant>,
 }
 
+/// Subscribed-name sets, shared between the streams that subscribe to the same names: every
+/// Envoy of a mesh asks for the endpoints of the same clusters, and a private copy of 1,000
+/// names cost each stream more than everything else it holds.
+#[derive(Debug, Default)]
+pub struct NameSets {
+    sets: Mutex<HashMap<u64, Weak<BTreeSet<String>>>>,
+}
+
+impl NameSets {
+    /// The shared set equal to `set`.
+    pub fn intern(&self, set: BTreeSet<String>) -> Arc<BTreeSet<String>> {
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        set.hash(&mut h);
+        let key = h.finish();
+        let mut sets = self.sets.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = sets.get(&key).and_then(Weak::upgrade)
+            && *s == set
+        {
+            return s;
+        }
+        // Sets nobody uses any more are dropped now and then, so the table stays within twice
+        // the live sets.
+        if sets.len() >= 64 && sets.len().is_power_of_two() {
+            sets.retain(|_, w| w.strong_count() > 0);
+        }
+        let s = Arc::new(set);
+        sets.insert(key, Arc::downgrade(&s));
+        s
+    }
+}
+
+/// What the client holds of one type, as far as we know. Updated when we send
+/// (optimistically; a NACK does not roll it back, which is what stops resend loops).
+#[derive(Debug, Clone)]
+enum Held {
+    /// Exactly every resource of this snapshot, at its version. After a response the client
+    /// usually holds the whole type (every cluster, the endpoints of every cluster): sharing
+    /// the cache's snapshot then costs a stream nothing per resource, where a private map of
+    /// every name and version cost it tens of kilobytes per type.
+    All(Arc<TypeSnapshot>),
+    /// Anything else: name -> version.
+    Map(HashMap<String, String>),
+}
+
+impl Default for Held {
+    fn default() -> Self {
+        Held::Map(HashMap::new())
+    }
+}
+
+impl Held {
+    fn get(&self, name: &str) -> Option<&str> {
+        match self {
+            Held::All(s) => s.resources.get(name).map(|r| r.version.as_str()),
+            Held::Map(m) => m.get(name).map(String::as_str),
+        }
+    }
+
+    fn map_mut(&mut self) -> &mut HashMap<String, String> {
+        if let Held::All(s) = self {
+            let m = s
+                .resources
+                .iter()
+                .map(|(n, r)| (n.clone(), r.version.clone()))
+                .collect();
+            *self = Held::Map(m);
+        }
+        match self {
+            Held::Map(m) => m,
+            // Just replaced by a map.
+            Held::All(_) => unreachable!("Held::All was just replaced"),
+        }
+    }
+
+    fn remove(&mut self, name: &str) {
+        if self.get(name).is_some() {
+            self.map_mut().remove(name);
+        }
+    }
+
+    fn retain(&mut self, keep: impl Fn(&str) -> bool) {
+        match self {
+            Held::All(s) if s.resources.keys().all(|n| keep(n)) => {}
+            _ => self.map_mut().retain(|n, _| keep(n)),
+        }
+    }
+
+    /// After a response the client holds exactly the in-scope resources of the snapshot.
+    fn after_send(snap: &Arc<TypeSnapshot>, whole: bool, names: &BTreeSet<String>) -> Held {
+        if whole {
+            return Held::All(Arc::clone(snap));
+        }
+        Held::Map(
+            names
+                .iter()
+                .filter_map(|n| snap.resources.get(n))
+                .map(|r| (r.name.clone(), r.version.clone()))
+                .collect(),
+        )
+    }
+}
+
+/// How the snapshot differs from what the client holds, within its subscription.
+struct Diff<'a> {
+    /// In-scope resources whose version the client does not hold, in name order.
+    changed: Vec<&'a Arc<EncodedResource>>,
+    /// Names the client holds that no longer exist or are out of scope.
+    gone: Vec<String>,
+    /// Every resource of the snapshot is in scope.
+    whole: bool,
+}
+
+/// Every resource of `snap` is among `names` (a merge of two sorted sequences).
+fn covers(names: &BTreeSet<String>, snap: &TypeSnapshot) -> bool {
+    if names.len() < snap.resources.len() {
+        return false;
+    }
+    let mut it = names.iter();
+    'next: for k in snap.resources.keys() {
+        for n in it.by_ref() {
+            match n.cmp(k) {
+                Ordering::Less => {}
+                Ordering::Equal => continue 'next,
+                Ordering::Greater => return false,
+            }
+        }
+        return false;
+    }
+    true
+}
+
+fn diff<'a>(ts: &TypeState, snap: &'a TypeSnapshot) -> Diff<'a> {
+    let whole = ts.wildcard || covers(&ts.names, snap);
+    let mut changed = Vec::new();
+    let mut gone = Vec::new();
+    match &ts.held {
+        // The usual case, O(resources) pointer comparisons and no lookups: both sides are
+        // sorted by name and an unchanged resource keeps its `Arc`.
+        Held::All(prev) if whole => {
+            if std::ptr::eq(&**prev, snap) {
+                return Diff {
+                    changed,
+                    gone,
+                    whole,
+                };
+            }
+            let mut old = prev.resources.iter().peekable();
+            for (name, r) in &snap.resources {
+                while let Some((n, _)) = old.peek()
+                    && n.as_str() < name.as_str()
+                {
+                    gone.push((*n).clone());
+                    old.next();
+                }
+                match old.peek() {
+                    Some((n, o)) if *n == name => {
+                        if !Arc::ptr_eq(o, r) && o.version != r.version {
+                            changed.push(r);
+                        }
+                        old.next();
+                    }
+                    _ => changed.push(r),
+                }
+            }
+            gone.extend(old.map(|(n, _)| n.clone()));
+        }
+        held => {
+            if whole {
+                changed.extend(
+                    snap.resources
+                        .values()
+                        .filter(|r| held.get(&r.name) != Some(r.version.as_str())),
+                );
+            } else {
+                changed.extend(
+                    ts.names
+                        .iter()
+                        .filter_map(|n| snap.resources.get(n))
+                        .filter(|r| held.get(&r.name) != Some(r.version.as_str())),
+                );
+            }
+            let is_gone =
+                |n: &str| !snap.resources.contains_key(n) || !(ts.wildcard || ts.names.contains(n));
+            match held {
+                Held::All(prev) => {
+                    gone.extend(prev.resources.keys().filter(|n| is_gone(n)).cloned());
+                }
+                Held::Map(m) => gone.extend(m.keys().filter(|n| is_gone(n)).cloned()),
+            }
+        }
+    }
+    Diff {
+        changed,
+        gone,
+        whole,
+    }
+}
+
 #[derive(Debug, Default)]
 struct TypeState {
     wildcard: bool,
-    names: BTreeSet<String>,
-    /// What the client holds as far as we know: name -> version. Updated when we send
-    /// (optimistically; a NACK does not roll it back, which is what stops resend loops).
-    known: HashMap<String, String>,
+    /// Shared with other streams subscribed to the same names (see [`NameSets`]).
+    names: Arc<BTreeSet<String>>,
+    held: Held,
     /// Delta: subscribed names we already told the client do not exist.
     absent_reported: HashSet<String>,
     /// Answer even if nothing changed (first request, re-subscription, cluster changed).
@@ -118,7 +318,22 @@ struct TypeState {
     pending: Option<Pending>,
     /// The client has sent at least one request for this type on this stream.
     started: bool,
+    /// The type's snapshot version last evaluated with nothing pending. Until a request of
+    /// the type, a forced send or a new version, evaluating again would send nothing: a
+    /// change to another type then costs this type O(1) instead of a scan of every resource,
+    /// which with M streams and R resources was O(M x R) per change.
+    evaluated: Option<String>,
     status: TypeStatus,
+}
+
+impl TypeState {
+    /// Nothing can be due: the snapshot is the one last evaluated and nothing forces a send.
+    fn unchanged_since_evaluated(&self, snapshot_version: Option<&str>) -> bool {
+        !self.force
+            && self.resend.is_empty()
+            && self.evaluated.is_some()
+            && self.evaluated.as_deref() == snapshot_version
+    }
 }
 
 impl TypeState {
@@ -158,12 +373,35 @@ pub struct RequestOutcome {
     pub kind: RequestKind,
 }
 
+/// The `resources` of a SotW response.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SotwResources {
+    /// Encoded `google.protobuf.Any` values, each written as field 2.
+    Each(Vec<Bytes>),
+    /// Field 2 already written for `count` resources: the cache's encoding of a whole type,
+    /// shared by every stream that sends it.
+    Shared { bytes: Bytes, count: usize },
+}
+
+impl SotwResources {
+    pub fn len(&self) -> usize {
+        match self {
+            SotwResources::Each(v) => v.len(),
+            SotwResources::Shared { count, .. } => *count,
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
 /// A SotW response, ready to encode.
 #[derive(Debug, Clone, PartialEq)]
 pub struct SotwOut {
     pub type_url: String,
     pub version_info: String,
-    pub resources: Vec<Bytes>,
+    pub resources: SotwResources,
     pub nonce: String,
 }
 
@@ -184,6 +422,7 @@ pub struct StreamState {
     /// Per-type services (CDS, EDS, ...) accept only their own type.
     only_type: Option<&'static str>,
     types: BTreeMap<String, TypeState>,
+    name_sets: Arc<NameSets>,
     next_nonce: u64,
     /// Convergence counts only changes made while the stream was open: a new client fetching
     /// config that changed an hour ago is not a one-hour convergence.
@@ -191,11 +430,17 @@ pub struct StreamState {
 }
 
 impl StreamState {
-    pub fn new(variant: Variant, only_type: Option<&'static str>) -> Self {
+    /// `name_sets` is shared by every stream of a server.
+    pub fn new(
+        variant: Variant,
+        only_type: Option<&'static str>,
+        name_sets: Arc<NameSets>,
+    ) -> Self {
         Self {
             variant,
             only_type,
             types: BTreeMap::new(),
+            name_sets,
             next_nonce: 0,
             opened_at: Instant::now(),
         }
@@ -247,19 +492,30 @@ impl StreamState {
     ) -> Result<RequestOutcome, ProtocolError> {
         let type_url = self.check_type(&req.type_url)?;
         let ts = self.types.entry(type_url.to_string()).or_default();
+        ts.evaluated = None;
         let kind = judge(ts, &req.response_nonce, req.error_detail.as_ref(), now);
         if kind == RequestKind::Stale {
             // The client has not seen our latest response yet; its view is out of date.
             return Ok(outcome(type_url, kind));
         }
-        let mut names: BTreeSet<String> = req.resource_names.iter().cloned().collect();
-        let wildcard = names.remove("*") || (names.is_empty() && is_full_state(type_url));
-        if wildcard != ts.wildcard || names != ts.names {
+        let star = req.resource_names.iter().any(|n| n == "*");
+        let listed = req.resource_names.iter().filter(|n| *n != "*");
+        let wildcard = star || (req.resource_names.is_empty() && is_full_state(type_url));
+        // Every ACK of an EDS response repeats the full list: compare it in place (it is
+        // usually the same, and in the same sorted order) before building anything.
+        let same_names = listed.clone().eq(ts.names.iter()) || {
+            let names: BTreeSet<&String> = listed.clone().collect();
+            names.len() == ts.names.len() && names.iter().all(|n| ts.names.contains(*n))
+        };
+        if wildcard != ts.wildcard || !same_names {
             ts.wildcard = wildcard;
+            if !same_names {
+                ts.names = self.name_sets.intern(listed.cloned().collect());
+            }
+            let names = &ts.names;
             // Forget what the client dropped, so a name that comes back is sent again
             // (go-control-plane #431: a resubscription must be answered).
-            ts.known.retain(|n, _| wildcard || names.contains(n));
-            ts.names = names;
+            ts.held.retain(|n| wildcard || names.contains(n));
         }
         if req.response_nonce.is_empty() {
             // A request without a nonce opens (or reopens) the subscription: always answer it,
@@ -279,6 +535,7 @@ impl StreamState {
     ) -> Result<RequestOutcome, ProtocolError> {
         let type_url = self.check_type(&req.type_url)?;
         let ts = self.types.entry(type_url.to_string()).or_default();
+        ts.evaluated = None;
         let kind = judge(ts, &req.response_nonce, req.error_detail.as_ref(), now);
         // Subscription changes apply whatever the nonce: in Delta they are increments, and
         // dropping one would lose it for good.
@@ -289,37 +546,52 @@ impl StreamState {
             if req.resource_names_subscribe.is_empty() && is_full_state(type_url) {
                 ts.wildcard = true;
             }
-            for (n, v) in &req.initial_resource_versions {
-                ts.known.insert(n.clone(), v.clone());
+            if !req.initial_resource_versions.is_empty() {
+                let held = ts.held.map_mut();
+                for (n, v) in &req.initial_resource_versions {
+                    held.insert(n.clone(), v.clone());
+                }
             }
         }
+        if req.resource_names_subscribe.is_empty() && req.resource_names_unsubscribe.is_empty() {
+            return Ok(outcome(type_url, kind));
+        }
+        let mut names = (*ts.names).clone();
         for n in &req.resource_names_subscribe {
             if n == "*" {
                 ts.wildcard = true;
                 continue;
             }
-            ts.names.insert(n.clone());
+            names.insert(n.clone());
             ts.absent_reported.remove(n);
             // Subscribing asks for the resource (again): unless the client just told us it
             // holds it (initial_resource_versions), it must be sent.
             if !(first && req.initial_resource_versions.contains_key(n)) {
-                ts.known.remove(n);
+                ts.held.remove(n);
             }
         }
         for n in &req.resource_names_unsubscribe {
             if n == "*" {
                 ts.wildcard = false;
-                let names = &ts.names;
-                ts.known.retain(|k, _| names.contains(k));
+                ts.held.retain(|k| names.contains(k));
                 continue;
             }
-            ts.names.remove(n);
+            names.remove(n);
             ts.absent_reported.remove(n);
             if !ts.wildcard {
-                ts.known.remove(n);
+                ts.held.remove(n);
             }
         }
+        if names != *ts.names {
+            ts.names = self.name_sets.intern(names);
+        }
         Ok(outcome(type_url, kind))
+    }
+
+    fn mark_evaluated(&mut self, type_url: &str, snap_version: Option<String>) {
+        if let Some(ts) = self.types.get_mut(type_url) {
+            ts.evaluated = snap_version;
+        }
     }
 
     fn nonce(&mut self) -> String {
@@ -330,6 +602,7 @@ impl StreamState {
     /// The SotW responses due now, in push order. Each sets its type's pending nonce.
     pub fn sotw_responses(&mut self, snap: &FlavorSnapshot) -> Vec<SotwOut> {
         let mut out = Vec::new();
+        let empty = Arc::new(TypeSnapshot::default());
         for type_url in ORDER {
             let Some(ts) = self.types.get(type_url) else {
                 continue;
@@ -337,65 +610,71 @@ impl StreamState {
             if ts.pending.is_some() {
                 continue;
             }
-            let resources = snap.get(type_url).map(|t| &t.resources);
-            let empty = BTreeMap::new();
-            let resources = resources.unwrap_or(&empty);
-            let selected: Vec<_> = if ts.wildcard {
-                resources.values().collect()
-            } else {
-                ts.names.iter().filter_map(|n| resources.get(n)).collect()
-            };
-            let candidate: HashMap<&str, &str> = selected
-                .iter()
-                .map(|r| (r.name.as_str(), r.version.as_str()))
-                .collect();
-            let same = candidate.len() == ts.known.len()
-                && candidate
-                    .iter()
-                    .all(|(n, v)| ts.known.get(*n).map(String::as_str) == Some(*v));
-            let brings_new = candidate
-                .iter()
-                .any(|(n, v)| ts.known.get(*n).map(String::as_str) != Some(*v));
+            let tsnap = snap.get(type_url).unwrap_or(&empty);
+            let snap_version = Some(tsnap.version.clone());
+            if ts.unchanged_since_evaluated(snap_version.as_deref()) {
+                continue;
+            }
+            let d = diff(ts, tsnap);
+            let same = d.changed.is_empty() && d.gone.is_empty();
             let due = ts.force
                 || if is_full_state(type_url) {
                     !same
                 } else {
-                    brings_new
+                    !d.changed.is_empty()
                 };
             if !due {
+                self.mark_evaluated(type_url, snap_version);
                 continue;
             }
             let changed_clusters: Vec<String> = if type_url == CLUSTER {
-                selected
+                d.changed
                     .iter()
-                    .filter(|r| ts.known.get(&r.name).is_some_and(|v| *v != r.version))
+                    .filter(|r| ts.held.get(&r.name).is_some())
                     .map(|r| r.name.clone())
                     .collect()
             } else {
                 Vec::new()
             };
-            let oldest_change = selected
+            let oldest_change = d
+                .changed
                 .iter()
-                .filter(|r| ts.known.get(&r.name) != Some(&r.version))
                 .map(|r| r.changed_at)
                 .filter(|t| *t >= self.opened_at)
                 .min();
-            let version = sotw_version(&selected);
-            let resources_bytes: Vec<Bytes> = selected.iter().map(|r| r.any.clone()).collect();
-            let known: HashMap<String, String> = selected
-                .iter()
-                .map(|r| (r.name.clone(), r.version.clone()))
-                .collect();
+            // The whole type goes out as the cache's shared encoding, whose version is the
+            // type's: nothing per resource is copied or hashed per stream.
+            let (version, resources) = if d.whole {
+                (
+                    tsnap.version.clone(),
+                    SotwResources::Shared {
+                        bytes: tsnap.sotw_resources().clone(),
+                        count: tsnap.resources.len(),
+                    },
+                )
+            } else {
+                let selected: Vec<_> = ts
+                    .names
+                    .iter()
+                    .filter_map(|n| tsnap.resources.get(n))
+                    .collect();
+                (
+                    sotw_version(&selected),
+                    SotwResources::Each(selected.iter().map(|r| r.any.clone()).collect()),
+                )
+            };
+            let held = Held::after_send(tsnap, d.whole, &ts.names);
             let nonce = self.nonce();
             let Some(ts) = self.types.get_mut(type_url) else {
                 continue;
             };
-            ts.known = known;
+            ts.evaluated = snap_version;
+            ts.held = held;
             ts.sent(&nonce, &version, oldest_change);
             out.push(SotwOut {
                 type_url: type_url.to_string(),
                 version_info: version,
-                resources: resources_bytes,
+                resources,
                 nonce,
             });
             if !changed_clusters.is_empty()
@@ -413,6 +692,7 @@ impl StreamState {
     /// The Delta responses due now, in push order. Each sets its type's pending nonce.
     pub fn delta_responses(&mut self, snap: &FlavorSnapshot) -> Vec<DeltaOut> {
         let mut out = Vec::new();
+        let empty = Arc::new(TypeSnapshot::default());
         for type_url in ORDER {
             let Some(ts) = self.types.get(type_url) else {
                 continue;
@@ -420,39 +700,46 @@ impl StreamState {
             if ts.pending.is_some() {
                 continue;
             }
-            let empty = BTreeMap::new();
-            let tsnap = snap.get(type_url);
-            let resources = tsnap.map(|t| &t.resources).unwrap_or(&empty);
-            let in_scope = |name: &str| ts.wildcard || ts.names.contains(name);
-            let mut send = Vec::new();
-            if ts.wildcard {
-                send.extend(resources.values());
-            } else {
-                send.extend(ts.names.iter().filter_map(|n| resources.get(n)));
+            let tsnap = snap.get(type_url).unwrap_or(&empty);
+            let snap_version = Some(tsnap.version.clone());
+            if ts.unchanged_since_evaluated(snap_version.as_deref()) {
+                continue;
             }
-            send.retain(|r| {
-                ts.resend.contains(&r.name) || ts.known.get(&r.name) != Some(&r.version)
-            });
-            let mut removed: Vec<String> = ts
-                .known
-                .keys()
-                .filter(|n| !resources.contains_key(*n) || !in_scope(n))
-                .cloned()
-                .collect();
-            let absent: Vec<String> = ts
-                .names
-                .iter()
-                .filter(|n| {
-                    !resources.contains_key(*n)
-                        && !ts.known.contains_key(*n)
-                        && !ts.absent_reported.contains(*n)
-                })
-                .cloned()
-                .collect();
+            let in_scope = |name: &str| ts.wildcard || ts.names.contains(name);
+            let d = diff(ts, tsnap);
+            let mut send = d.changed;
+            if !ts.resend.is_empty() {
+                let extra: Vec<_> = ts
+                    .resend
+                    .iter()
+                    .filter(|n| in_scope(n))
+                    .filter_map(|n| tsnap.resources.get(n))
+                    .filter(|r| !send.iter().any(|s| s.name == r.name))
+                    .collect();
+                send.extend(extra);
+                send.sort_by(|a, b| a.name.cmp(&b.name));
+            }
+            let mut removed = d.gone;
+            // With every resource in scope and as many names as resources, no subscribed
+            // name can be missing: skip the per-name lookups.
+            let absent: Vec<String> = if d.whole && ts.names.len() <= tsnap.resources.len() {
+                Vec::new()
+            } else {
+                ts.names
+                    .iter()
+                    .filter(|n| {
+                        !tsnap.resources.contains_key(*n)
+                            && ts.held.get(n).is_none()
+                            && !ts.absent_reported.contains(*n)
+                    })
+                    .cloned()
+                    .collect()
+            };
             removed.extend(absent.iter().cloned());
             removed.sort();
             removed.dedup();
             if send.is_empty() && removed.is_empty() && !ts.force {
+                self.mark_evaluated(type_url, snap_version);
                 continue;
             }
             if send.is_empty() && removed.is_empty() {
@@ -462,13 +749,14 @@ impl StreamState {
                 if !ts.wildcard {
                     if let Some(ts) = self.types.get_mut(type_url) {
                         ts.force = false;
+                        ts.evaluated = snap_version;
                     }
                     continue;
                 }
             }
             let changed_clusters: Vec<String> = if type_url == CLUSTER {
                 send.iter()
-                    .filter(|r| ts.known.get(&r.name).is_some_and(|v| *v != r.version))
+                    .filter(|r| ts.held.get(&r.name).is_some_and(|v| v != r.version))
                     .map(|r| r.name.clone())
                     .collect()
             } else {
@@ -479,25 +767,19 @@ impl StreamState {
                 .map(|r| r.changed_at)
                 .filter(|t| *t >= self.opened_at)
                 .min();
-            let sent: Vec<(String, String, Bytes)> = send
-                .iter()
-                .map(|r| (r.name.clone(), r.version.clone(), r.delta.clone()))
-                .collect();
-            let system_version_info = tsnap.map(|t| t.version.clone()).unwrap_or_default();
+            let resources_bytes: Vec<Bytes> = send.iter().map(|r| r.delta.clone()).collect();
+            // What the client holds after this response: every in-scope resource at its
+            // current version (what differed is sent, what is gone is removed).
+            let held = Held::after_send(tsnap, d.whole, &ts.names);
+            let system_version_info = tsnap.version.clone();
             let nonce = self.nonce();
             let Some(ts) = self.types.get_mut(type_url) else {
                 continue;
             };
-            for n in &removed {
-                ts.known.remove(n);
-            }
+            ts.evaluated = snap_version;
+            ts.held = held;
             ts.absent_reported.extend(absent);
-            let mut resources_bytes = Vec::with_capacity(sent.len());
-            for (name, version, bytes) in sent {
-                ts.resend.remove(&name);
-                ts.known.insert(name, version);
-                resources_bytes.push(bytes);
-            }
+            ts.resend.clear();
             ts.sent(&nonce, &system_version_info, oldest_change);
             out.push(DeltaOut {
                 type_url: type_url.to_string(),
@@ -577,7 +859,7 @@ fn judge(
 }
 
 /// A SotW `version_info`: content hash of exactly what the response carries.
-fn sotw_version(selected: &[&std::sync::Arc<weft_xds_cache::EncodedResource>]) -> String {
+fn sotw_version(selected: &[&Arc<EncodedResource>]) -> String {
     let mut h = xxhash_rust::xxh3::Xxh3::new();
     for r in selected {
         h.update(r.name.as_bytes());
@@ -586,4 +868,269 @@ fn sotw_version(selected: &[&std::sync::Arc<weft_xds_cache::EncodedResource>]) -
         h.update(&[0]);
     }
     format!("{:016x}", h.digest())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use envoy_types::pb::envoy::config::cluster::v3::Cluster;
+    use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
+    use weft_xds_cache::{Cache, TypeUpdate};
+
+    fn cluster(name: &str, ms: i32) -> (String, Cluster) {
+        let c = Cluster {
+            name: name.to_string(),
+            connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
+                seconds: 0,
+                nanos: ms * 1_000_000,
+            }),
+            ..Default::default()
+        };
+        (name.to_string(), c)
+    }
+
+    fn cla(name: &str, weight: u32) -> (String, ClusterLoadAssignment) {
+        let mut c = ClusterLoadAssignment {
+            cluster_name: name.to_string(),
+            ..Default::default()
+        };
+        c.named_endpoints
+            .insert(format!("w{weight}"), Default::default());
+        (name.to_string(), c)
+    }
+
+    fn cache() -> Arc<Cache> {
+        let c = Cache::new(&["envoy"], &ORDER);
+        c.apply(
+            "envoy",
+            vec![
+                TypeUpdate::replace(CLUSTER, [cluster("a", 1), cluster("b", 1)]),
+                TypeUpdate::replace(ENDPOINT, [cla("a", 1), cla("b", 1)]),
+            ],
+            Instant::now(),
+        );
+        c
+    }
+
+    fn sotw(type_url: &str, names: &[&str], nonce: &str) -> DiscoveryRequest {
+        DiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names: names.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn delta(type_url: &str, subscribe: &[&str], nonce: &str) -> DeltaDiscoveryRequest {
+        DeltaDiscoveryRequest {
+            type_url: type_url.to_string(),
+            resource_names_subscribe: subscribe.iter().map(|n| n.to_string()).collect(),
+            response_nonce: nonce.to_string(),
+            ..Default::default()
+        }
+    }
+
+    fn evaluated(st: &StreamState, type_url: &str) -> Option<String> {
+        st.types.get(type_url).and_then(|t| t.evaluated.clone())
+    }
+
+    #[test]
+    fn sotw_skips_types_whose_snapshot_did_not_change() {
+        let c = cache();
+        let mut st = StreamState::new(Variant::Sotw, None, Arc::default());
+        let now = Instant::now();
+        st.on_sotw_request(&sotw(CLUSTER, &[], ""), now).unwrap();
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], ""), now)
+            .unwrap();
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out.len(), 2);
+        st.on_sotw_request(&sotw(CLUSTER, &[], &out[0].nonce), now)
+            .unwrap();
+        // A SotW EDS ACK carries the names, or it would unsubscribe.
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], &out[1].nonce), now)
+            .unwrap();
+        let snap = c.snapshot("envoy").unwrap();
+        assert!(st.sotw_responses(&snap).is_empty());
+        let cds_seen = evaluated(&st, CLUSTER);
+        assert!(cds_seen.is_some());
+        // An endpoint change: only EDS goes out; CDS is recognised as unchanged.
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(ENDPOINT, [cla("a", 2)])],
+            Instant::now(),
+        );
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].type_url, ENDPOINT);
+        assert_eq!(out[0].resources.len(), 2);
+        assert_eq!(evaluated(&st, CLUSTER), cds_seen);
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], &out[0].nonce), now)
+            .unwrap();
+        // A cluster change still forces the endpoints after it (make-before-break).
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(CLUSTER, [cluster("a", 2)])],
+            Instant::now(),
+        );
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        let types: Vec<&str> = out.iter().map(|o| o.type_url.as_str()).collect();
+        assert_eq!(types, [CLUSTER, ENDPOINT]);
+    }
+
+    #[test]
+    fn delta_skip_keeps_subscription_changes_and_forced_resends() {
+        let c = cache();
+        let mut st = StreamState::new(Variant::Delta, None, Arc::default());
+        let now = Instant::now();
+        st.on_delta_request(&delta(CLUSTER, &[], ""), now).unwrap();
+        st.on_delta_request(&delta(ENDPOINT, &["a"], ""), now)
+            .unwrap();
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out.len(), 2);
+        for o in &out {
+            st.on_delta_request(&delta(&o.type_url, &[], &o.nonce), now)
+                .unwrap();
+        }
+        let snap = c.snapshot("envoy").unwrap();
+        assert!(st.delta_responses(&snap).is_empty());
+        assert!(evaluated(&st, ENDPOINT).is_some());
+        // Same snapshot, but a new subscription: it must be answered.
+        st.on_delta_request(&delta(ENDPOINT, &["b"], &out[1].nonce), now)
+            .unwrap();
+        let out = st.delta_responses(&snap);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].resources.len(), 1);
+        st.on_delta_request(&delta(ENDPOINT, &[], &out[0].nonce), now)
+            .unwrap();
+        // A changed cluster re-sends its assignment although the assignment did not change.
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(CLUSTER, [cluster("b", 3)])],
+            Instant::now(),
+        );
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        let types: Vec<&str> = out.iter().map(|o| o.type_url.as_str()).collect();
+        assert_eq!(types, [CLUSTER, ENDPOINT]);
+        assert_eq!(out[1].resources.len(), 1);
+    }
+
+    #[test]
+    fn streams_up_to_date_share_the_cache_snapshot_and_name_sets() {
+        let c = cache();
+        let sets = Arc::new(NameSets::default());
+        let now = Instant::now();
+        let mut streams: Vec<StreamState> = (0..2)
+            .map(|_| StreamState::new(Variant::Sotw, None, Arc::clone(&sets)))
+            .collect();
+        let mut outs = Vec::new();
+        for st in &mut streams {
+            st.on_sotw_request(&sotw(CLUSTER, &[], ""), now).unwrap();
+            // Not in sorted order: still one shared set.
+            st.on_sotw_request(&sotw(ENDPOINT, &["b", "a"], ""), now)
+                .unwrap();
+            outs.push(st.sotw_responses(&c.snapshot("envoy").unwrap()));
+        }
+        let snap = c.snapshot("envoy").unwrap();
+        for (st, out) in streams.iter().zip(&outs) {
+            for (o, t) in out.iter().zip([CLUSTER, ENDPOINT]) {
+                let shared = snap.get(t).unwrap();
+                assert!(matches!(&st.types[t].held, Held::All(s) if Arc::ptr_eq(s, shared)));
+                assert_eq!(o.version_info, shared.version);
+                match &o.resources {
+                    SotwResources::Shared { bytes, count } => {
+                        assert_eq!(*count, 2);
+                        assert_eq!(bytes.as_ptr(), shared.sotw_resources().as_ptr());
+                    }
+                    other => panic!("expected the shared encoding, got {other:?}"),
+                }
+            }
+        }
+        assert!(Arc::ptr_eq(
+            &streams[0].types[ENDPOINT].names,
+            &streams[1].types[ENDPOINT].names
+        ));
+        // The shared encoding is byte for byte the per-resource one.
+        let each: Vec<u8> = snap
+            .get(CLUSTER)
+            .unwrap()
+            .resources
+            .values()
+            .flat_map(|r| {
+                let mut b = Vec::new();
+                prost::encoding::bytes::encode(2, &r.any.to_vec(), &mut b);
+                b
+            })
+            .collect();
+        assert_eq!(snap.get(CLUSTER).unwrap().sotw_resources().as_ref(), each);
+    }
+
+    #[test]
+    fn sotw_subscription_narrowing_then_widening_resends() {
+        let c = cache();
+        let mut st = StreamState::new(Variant::Sotw, None, Arc::default());
+        let now = Instant::now();
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], ""), now)
+            .unwrap();
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out[0].resources.len(), 2);
+        // Dropping "b" forgets it; a subset goes out per resource, with its own version.
+        st.on_sotw_request(&sotw(ENDPOINT, &["a"], &out[0].nonce), now)
+            .unwrap();
+        assert!(matches!(&st.types[ENDPOINT].held, Held::Map(m) if m.len() == 1));
+        assert!(st.sotw_responses(&c.snapshot("envoy").unwrap()).is_empty());
+        // "b" comes back: it must be sent again (go-control-plane #431).
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], &out[0].nonce), now)
+            .unwrap();
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].resources.len(), 2);
+        // A name that does not exist keeps the subscription partial: per-resource encoding.
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "zz"], &out[0].nonce), now)
+            .unwrap();
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(ENDPOINT, [cla("a", 9)])],
+            Instant::now(),
+        );
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        assert!(matches!(&out[0].resources, SotwResources::Each(v) if v.len() == 1));
+    }
+
+    #[test]
+    fn delta_sends_only_the_change_and_removes_what_is_gone() {
+        let c = cache();
+        let mut st = StreamState::new(Variant::Delta, None, Arc::default());
+        let now = Instant::now();
+        st.on_delta_request(&delta(CLUSTER, &[], ""), now).unwrap();
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out[0].resources.len(), 2);
+        st.on_delta_request(&delta(CLUSTER, &[], &out[0].nonce), now)
+            .unwrap();
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::replace(
+                CLUSTER,
+                [cluster("a", 1), cluster("c", 1)],
+            )],
+            Instant::now(),
+        );
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].resources.len(), 1);
+        assert_eq!(out[0].removed, ["b"]);
+        st.on_delta_request(&delta(CLUSTER, &[], &out[0].nonce), now)
+            .unwrap();
+        assert!(st.delta_responses(&c.snapshot("envoy").unwrap()).is_empty());
+        // Ghosts from a previous control plane are removed; what the client has is not resent.
+        let mut st = StreamState::new(Variant::Delta, None, Arc::default());
+        let snap = c.snapshot("envoy").unwrap();
+        let a = snap.resource(CLUSTER, "a").unwrap().version.clone();
+        let mut req = delta(CLUSTER, &[], "");
+        req.initial_resource_versions = [("a".to_string(), a), ("old".into(), "1".into())].into();
+        st.on_delta_request(&req, now).unwrap();
+        let out = st.delta_responses(&snap);
+        assert_eq!(out[0].resources.len(), 1);
+        assert_eq!(out[0].removed, ["old"]);
+        assert!(matches!(&st.types[CLUSTER].held, Held::All(_)));
+    }
 }

@@ -10,6 +10,7 @@ use tokio::sync::{mpsc, watch};
 use tonic::{Status, Streaming};
 use weft_xds_cache::FlavorSnapshot;
 
+use crate::body::Outgoing;
 use crate::codec::{DeltaResponse, SotwResponse};
 use crate::metrics::{StreamLabels, TypeLabels};
 use crate::server::{ClientEntry, Inner};
@@ -18,7 +19,7 @@ use crate::state::{ProtocolError, RequestKind, RequestOutcome, StreamState, Vari
 /// What differs between SotW and Delta for the stream loop.
 pub(crate) trait Flow: Send + Sync + 'static {
     type Req: prost::Message + Default + Send + 'static;
-    type Resp: prost::Message + Send + 'static;
+    type Resp: prost::Message + crate::codec::Frames + Default + Send + 'static;
     const VARIANT: Variant;
     fn node(req: &Self::Req) -> Option<&Node>;
     fn apply(
@@ -98,7 +99,7 @@ pub(crate) async fn run<F: Flow>(
     service: &'static str,
     only_type: Option<&'static str>,
     mut requests: Streaming<F::Req>,
-    tx: mpsc::Sender<Result<F::Resp, Status>>,
+    tx: mpsc::Sender<Outgoing<F::Resp>>,
 ) {
     let labels = StreamLabels {
         variant: F::VARIANT.as_str(),
@@ -115,7 +116,7 @@ pub(crate) async fn run<F: Flow>(
         Err(status) => {
             if is_malformed(&status) {
                 inner.metrics.stream_errors.get_or_create(&labels).inc();
-                let _ = tx.send(Err(malformed(&status))).await;
+                let _ = tx.send(Box::new(Err(malformed(&status)))).await;
             }
             tracing::debug!(%status, "xDS stream failed before its first request");
             return;
@@ -125,13 +126,17 @@ pub(crate) async fn run<F: Flow>(
     let flavor = (inner.classify)(F::node(&first));
     let Some(mut snapshots) = inner.cache.subscribe(&flavor) else {
         let _ = tx
-            .send(Err(Status::internal(format!(
+            .send(Box::new(Err(Status::internal(format!(
                 "no configuration for client flavour `{flavor}`"
-            ))))
+            )))))
             .await;
         return;
     };
-    let state = Arc::new(Mutex::new(StreamState::new(F::VARIANT, only_type)));
+    let state = Arc::new(Mutex::new(StreamState::new(
+        F::VARIANT,
+        only_type,
+        Arc::clone(&inner.name_sets),
+    )));
     let _entry = inner.register_client(ClientEntry::new(
         &node,
         &flavor,
@@ -169,7 +174,9 @@ pub(crate) async fn run<F: Flow>(
                 Err(e) => {
                     inner.metrics.stream_errors.get_or_create(&labels).inc();
                     tracing::warn!(node = %node.id, error = %e, "xDS stream ended: bad request");
-                    let _ = tx.send(Err(Status::invalid_argument(e.to_string()))).await;
+                    let _ = tx
+                        .send(Box::new(Err(Status::invalid_argument(e.to_string()))))
+                        .await;
                     return;
                 }
                 Ok(o) => {
@@ -201,7 +208,7 @@ pub(crate) async fn run<F: Flow>(
                     type_url,
                 })
                 .inc();
-            if tx.send(Ok(resp)).await.is_err() {
+            if tx.send(Box::new(Ok(resp))).await.is_err() {
                 return;
             }
         }
@@ -210,7 +217,7 @@ pub(crate) async fn run<F: Flow>(
             () = drained(&mut drain) => {
                 // Ending with UNAVAILABLE tells clients to reconnect (to another replica)
                 // rather than treat it as a configuration error.
-                let _ = tx.send(Err(Status::unavailable("control plane is shutting down"))).await;
+                let _ = tx.send(Box::new(Err(Status::unavailable("control plane is shutting down")))).await;
                 return;
             }
             r = requests.message() => match r {
@@ -220,7 +227,7 @@ pub(crate) async fn run<F: Flow>(
                     if is_malformed(&status) {
                         inner.metrics.stream_errors.get_or_create(&labels).inc();
                         tracing::warn!(node = %node.id, %status, "xDS stream ended: malformed request");
-                        let _ = tx.send(Err(malformed(&status))).await;
+                        let _ = tx.send(Box::new(Err(malformed(&status)))).await;
                     } else {
                         tracing::debug!(node = %node.id, %status, "xDS stream ended by the client");
                     }
