@@ -54,13 +54,13 @@ for b in $only; do
     balance)
       # Criterion (sidecar/balance/benches): table builds and picks. Its full report lands in
       # target/criterion; the bencher format gives one line per benchmark to tabulate.
-      cargo bench -q -p weft-balance -- --noplot --output-format bencher 2>/dev/null | tee "$out/balance.txt"
+      cargo bench -q -p weft-balance --bench hashing --bench picking -- --noplot --output-format bencher 2>/dev/null | tee "$out/balance.txt"
       {
         echo "## Load balancer micro-benchmarks (\`cargo bench -p weft-balance\`)"
         echo
         echo "| benchmark | time per iteration |"
         echo "|---|---|"
-        awk '/^test .* bench:/ { ns = $5; gsub(",", "", ns);
+        awk '/^test .* bench:/ { ns = $5; gsub(",", "", ns); ns += 0;
                printf "| %s | %s |\n", $2, (ns >= 1e6 ? sprintf("%.2f ms", ns / 1e6) : (ns >= 1e3 ? sprintf("%.2f µs", ns / 1e3) : ns " ns")) }' "$out/balance.txt"
         echo
         cargo run -q --release -p weft-balance --example hash_stability
