@@ -9,24 +9,14 @@
 //! shared machines. Pass criterion's own flags after `--` for longer runs.
 
 use std::hint::black_box;
-use std::net::SocketAddr;
-use std::time::{Duration, Instant};
+
+use std::time::Instant;
+
+mod common;
+use common::{SIZES, config, endpoints};
 
 use criterion::{BatchSize, BenchmarkId, Criterion, criterion_group, criterion_main};
-use weft_balance::{Algorithm, Balancer, EndpointHealth, EndpointSpec, ZoneConfig, hash_key};
-
-const SIZES: [usize; 3] = [10, 100, 1_000];
-
-fn endpoints(n: usize) -> Vec<EndpointSpec> {
-    (0..n)
-        .map(|i| EndpointSpec {
-            addr: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
-            weight: 1,
-            zone: None,
-            health: EndpointHealth::Healthy,
-        })
-        .collect()
-}
+use weft_balance::{Algorithm, Balancer, ZoneConfig, hash_key};
 
 fn algorithms() -> [(&'static str, Algorithm); 2] {
     [
@@ -86,13 +76,6 @@ fn hash_pick(c: &mut Criterion) {
         }
     }
     group.finish();
-}
-
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(10)
 }
 
 criterion_group! {

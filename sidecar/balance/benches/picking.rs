@@ -11,21 +11,11 @@ use std::hint::black_box;
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
+mod common;
+use common::{SIZES, config, endpoints};
+
 use criterion::{BenchmarkId, Criterion, criterion_group, criterion_main};
-use weft_balance::{Algorithm, Balancer, EndpointHealth, EndpointSpec, Outcome, ZoneConfig};
-
-const SIZES: [usize; 3] = [10, 100, 1_000];
-
-fn endpoints(n: usize) -> Vec<EndpointSpec> {
-    (0..n)
-        .map(|i| EndpointSpec {
-            addr: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
-            weight: 1,
-            zone: None,
-            health: EndpointHealth::Healthy,
-        })
-        .collect()
-}
+use weft_balance::{Algorithm, Balancer, Outcome, ZoneConfig};
 
 /// A balancer over `n` endpoints where the first `observed` have answered once.
 fn warmed(algorithm: Algorithm, n: usize, observed: usize, now: Instant) -> Balancer {
@@ -91,13 +81,6 @@ fn steady(c: &mut Criterion) {
 
 fn half_unobserved(c: &mut Criterion) {
     bench_pick(c, "pick_finish_half_unobserved", 0.5);
-}
-
-fn config() -> Criterion {
-    Criterion::default()
-        .warm_up_time(Duration::from_secs(1))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(10)
 }
 
 criterion_group! {

@@ -12,20 +12,13 @@
 use std::net::SocketAddr;
 use std::time::Instant;
 
-use weft_balance::{Algorithm, Balancer, EndpointHealth, EndpointSpec, ZoneConfig, hash_key};
+#[path = "../benches/common/mod.rs"]
+mod common;
+use common::endpoints;
+
+use weft_balance::{Algorithm, Balancer, ZoneConfig, hash_key};
 
 const KEYS: usize = 100_000;
-
-fn endpoints(n: usize) -> Vec<EndpointSpec> {
-    (0..n)
-        .map(|i| EndpointSpec {
-            addr: SocketAddr::from(([10, 0, (i / 250) as u8, (i % 250) as u8 + 1], 8080)),
-            weight: 1,
-            zone: None,
-            health: EndpointHealth::Healthy,
-        })
-        .collect()
-}
 
 fn mapping(lb: &Balancer, keys: &[u64], now: Instant) -> Vec<Option<SocketAddr>> {
     keys.iter()
