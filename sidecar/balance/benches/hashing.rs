@@ -9,7 +9,6 @@
 //! shared machines. Pass criterion's own flags after `--` for longer runs.
 
 use std::hint::black_box;
-
 use std::time::Instant;
 
 mod common;
