@@ -205,6 +205,27 @@ render helm-tls "$BASE_KINDS,Secret,MutatingWebhookConfiguration,ConfigMap,Horiz
   helm Ignore -f "$CHART/ci/helm-tls-values.yaml"
 render minimal "${BASE_KINDS/,PodDisruptionBudget/}" none Ignore \
   --set injector.enabled=false --set podDisruptionBudget.enabled=false --set kubernetes.enabled=false
+render mtls "$BASE_KINDS" none Ignore -f "$CHART/ci/mtls-values.yaml"
+for want in "--tls-cert=/etc/weft/grpc-tls/tls.crt" "--tls-key=/etc/weft/grpc-tls/tls.key" \
+  "--tls-client-ca=/etc/weft/grpc-tls/ca.crt" "--trust-domain=weft.example" "secretName: weft-grpc-tls"; do
+  grep -qF -- "$want" "$OUT/mtls.yaml" || fail "mtls: '$want' not rendered"
+done
+echo "ok: mtls renders the gRPC port's TLS flags and Secret volume"
+
+step "tls.enabled without a Secret, or with injection, is refused with a reason"
+expect_failed() {
+  local what=$1 reason=$2
+  shift 2
+  if "$HELM" template "$RELEASE" "$CHART" -n "$NS" "$@" >/dev/null 2>"$OUT/failed.log"; then
+    fail "the chart rendered $what"
+  fi
+  grep -qF "$reason" "$OUT/failed.log" || fail "$what was refused without saying '$reason': $(cat "$OUT/failed.log")"
+  echo "ok: refused $what"
+}
+expect_failed "tls.enabled without tls.secretName" "tls.enabled needs tls.secretName" \
+  --set tls.enabled=true --set injector.enabled=false
+expect_failed "tls.enabled with injection" "tls.enabled needs injector.enabled=false" \
+  --set tls.enabled=true --set tls.secretName=s
 
 # ---------------------------------------------------------------------------------------------
 step "mutation test: the checks catch a broken rendering"

@@ -164,6 +164,12 @@ Flags of the control plane.
 {{- if .Values.registryFile.enabled }}
 - --registry-file={{ include "weft.registryDir" . }}/registry.yaml
 {{- end }}
+{{- if .Values.tls.enabled }}
+- --tls-cert={{ include "weft.grpcCertDir" . }}/tls.crt
+- --tls-key={{ include "weft.grpcCertDir" . }}/tls.key
+- --tls-client-ca={{ include "weft.grpcCertDir" . }}/ca.crt
+- --trust-domain={{ .Values.tls.trustDomain }}
+{{- end }}
 {{- if .Values.injector.enabled }}
 - --webhook-listen=0.0.0.0:{{ .Values.ports.webhook }}
 - --webhook-cert={{ include "weft.webhookCertDir" . }}/tls.crt
@@ -175,3 +181,14 @@ Flags of the control plane.
 {{ toYaml . }}
 {{- end }}
 {{- end }}
+
+{{/* Where the gRPC port's mTLS Secret is mounted; checks the tls values. */}}
+{{- define "weft.grpcCertDir" -}}
+{{- if not .Values.tls.secretName -}}
+{{- fail "tls.enabled needs tls.secretName: a kubernetes.io/tls Secret with tls.crt, tls.key and ca.crt (docs/security.md)" -}}
+{{- end -}}
+{{- if .Values.injector.enabled -}}
+{{- fail "tls.enabled needs injector.enabled=false: injected sidecars would dial the gRPC port without a workload certificate, and this chart cannot issue them one (docs/security.md)" -}}
+{{- end -}}
+/etc/weft/grpc-tls
+{{- end -}}
