@@ -1541,9 +1541,15 @@ impl SidecarArgs {
     /// A sidecar in front of app `app_port` of `service`, registering it with the control plane,
     /// health-checking it over TCP every 200 ms (rise 1, fall 2), delta xDS, drain delay 1.5 s.
     pub fn server(cp: &ControlPlane, name: &str, service: &str, app_port: u16) -> Self {
+        Self::server_at(cp.xds_port, name, service, app_port)
+    }
+
+    /// [`SidecarArgs::server`] for a control plane on 127.0.0.1:`xds_port` that was not
+    /// started as a [`ControlPlane`] (the fault suite restarts its own on fixed ports).
+    pub fn server_at(xds_port: u16, name: &str, service: &str, app_port: u16) -> Self {
         Self {
             name: name.to_string(),
-            control_plane: format!("http://127.0.0.1:{}", cp.xds_port),
+            control_plane: format!("http://127.0.0.1:{xds_port}"),
             service: service.to_string(),
             app_port,
             app_protocol: "http".into(),
@@ -2129,6 +2135,64 @@ impl OtlpReceiver {
 impl Drop for OtlpReceiver {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// mTLS
+// ---------------------------------------------------------------------------------------------
+
+/// A test CA's files in the test's artifact directory: `ca.crt`, the control plane's
+/// `server.crt`/`server.key` (SANs `localhost` and `127.0.0.1`), and client certificates made
+/// with [`Mtls::client`].
+pub struct Mtls {
+    ca: weft_identity::testing::TestCa,
+    dir: PathBuf,
+    pub ca_path: PathBuf,
+    pub server_cert: PathBuf,
+    pub server_key: PathBuf,
+}
+
+impl fmt::Debug for Mtls {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Mtls").field("dir", &self.dir).finish()
+    }
+}
+
+impl Mtls {
+    pub fn new(ctx: &TestCtx) -> Result<Self> {
+        let dir = ctx.dir().to_path_buf();
+        let ca = weft_identity::testing::TestCa::new("weft test CA")?;
+        let ca_path = ca.write(&dir, "ca")?;
+        let (server_cert, server_key) = ca
+            .server(&["localhost", "127.0.0.1"])?
+            .write(&dir, "server")?;
+        Ok(Self {
+            ca,
+            dir,
+            ca_path,
+            server_cert,
+            server_key,
+        })
+    }
+
+    /// A client certificate whose one URI SAN is `spiffe_id`; returns (cert, key) paths.
+    pub fn client(&self, name: &str, spiffe_id: &str) -> Result<(PathBuf, PathBuf)> {
+        Ok(self.ca.client(&[spiffe_id])?.write(&self.dir, name)?)
+    }
+
+    /// The control plane's TLS flags (trust domain `weft.test`).
+    pub fn control_plane_args(&self) -> Vec<String> {
+        vec![
+            "--tls-cert".into(),
+            self.server_cert.display().to_string(),
+            "--tls-key".into(),
+            self.server_key.display().to_string(),
+            "--tls-client-ca".into(),
+            self.ca_path.display().to_string(),
+            "--trust-domain".into(),
+            "weft.test".into(),
+        ]
     }
 }
 

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Parser;
+use weft_xds_server::XdsLimits;
 
 /// Weft control plane: watches registries and serves Envoy-compatible xDS (SotW and Delta,
 /// ADS and per-type) to Envoy and proxyless gRPC clients.
@@ -23,6 +24,29 @@ pub struct Config {
     /// Address of the admin HTTP port: /healthz, /readyz, /metrics, /debug/*.
     #[arg(long, env = "WEFT_ADMIN_LISTEN", default_value = "0.0.0.0:19000")]
     pub admin_listen: SocketAddr,
+
+    /// Serve the gRPC port (xDS and registration) over mTLS only, with this certificate chain
+    /// (PEM, leaf first; re-read when it changes). Needs --tls-key, --tls-client-ca and
+    /// --trust-domain. See docs/security.md.
+    #[arg(long, env = "WEFT_TLS_CERT", requires_all = ["tls_key", "tls_client_ca", "trust_domain"])]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// CA certificate(s) (PEM) that must sign every client certificate on the gRPC port.
+    #[arg(long, env = "WEFT_TLS_CLIENT_CA", requires = "tls_cert")]
+    pub tls_client_ca: Option<PathBuf>,
+
+    /// SPIFFE trust domain of client certificates (e.g. `weft.example`); a client whose
+    /// SPIFFE ID is in another is refused.
+    #[arg(long, env = "WEFT_TRUST_DOMAIN", requires = "tls_cert", value_parser = parse_trust_domain)]
+    pub trust_domain: Option<weft_identity::TrustDomain>,
+
+    /// Longest a client may take to complete its TLS handshake on the gRPC port.
+    #[arg(long, env = "WEFT_TLS_HANDSHAKE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub tls_handshake_timeout: Duration,
 
     /// Registry file (YAML or JSON) to load and watch; repeatable. In the environment,
     /// separate several paths with commas.
@@ -210,4 +234,88 @@ pub struct Config {
     /// Log format on stderr.
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
+
+    // xDS limits and back-pressure: docs/xds.md "Limits and backpressure" (defaults and why
+    // are on `weft_xds_server::XdsLimits`).
+    /// Largest xDS request message, in bytes; a larger one ends its stream with
+    /// RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WEFT_XDS_MAX_REQUEST_BYTES", default_value_t = XdsLimits::default().max_request_bytes)]
+    pub xds_max_request_bytes: usize,
+
+    /// HTTP/2 concurrent streams per client connection (SETTINGS_MAX_CONCURRENT_STREAMS).
+    #[arg(long, env = "WEFT_XDS_MAX_STREAMS_PER_CONNECTION", default_value_t = XdsLimits::default().max_streams_per_connection)]
+    pub xds_max_streams_per_connection: u32,
+
+    /// Open xDS streams in total; beyond it, new streams are refused with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WEFT_XDS_MAX_STREAMS", default_value_t = XdsLimits::default().max_streams)]
+    pub xds_max_streams: usize,
+
+    /// Requests per second a stream may send once its burst is spent (0: no limit); over it,
+    /// its requests are read late, not refused.
+    #[arg(long, env = "WEFT_XDS_REQUESTS_PER_SECOND", default_value_t = XdsLimits::default().requests_per_second)]
+    pub xds_requests_per_second: u32,
+
+    /// Requests a stream may send at once before --xds-requests-per-second applies.
+    #[arg(long, env = "WEFT_XDS_REQUEST_BURST", default_value_t = XdsLimits::default().request_burst)]
+    pub xds_request_burst: u32,
+
+    /// Largest encoded `node` of a stream's first request, in bytes; a larger one is refused
+    /// with INVALID_ARGUMENT.
+    #[arg(long, env = "WEFT_XDS_MAX_NODE_BYTES", default_value_t = XdsLimits::default().max_node_bytes)]
+    pub xds_max_node_bytes: usize,
+
+    /// Resource names one stream may subscribe to, across all types; a request over it ends
+    /// the stream with RESOURCE_EXHAUSTED.
+    #[arg(long, env = "WEFT_XDS_MAX_SUBSCRIPTIONS", default_value_t = XdsLimits::default().max_subscriptions)]
+    pub xds_max_subscriptions: usize,
+
+    /// HTTP/2 keepalive ping interval on xDS connections; `off` (or 0) disables.
+    #[arg(long, env = "WEFT_XDS_KEEPALIVE_INTERVAL", default_value = "30s", value_parser = duration_or_off)]
+    pub xds_keepalive_interval: Duration,
+
+    /// How long a keepalive ping may go unanswered before the connection is closed.
+    #[arg(long, env = "WEFT_XDS_KEEPALIVE_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub xds_keepalive_timeout: Duration,
+
+    /// Age after which an xDS connection is sent GOAWAY so its client reconnects (maybe to
+    /// another replica); `off` (or 0) disables.
+    #[arg(long, env = "WEFT_XDS_MAX_CONNECTION_AGE", default_value = "30m", value_parser = duration_or_off)]
+    pub xds_max_connection_age: Duration,
+
+    /// After --xds-max-connection-age, how long its streams get before the connection is
+    /// closed.
+    #[arg(long, env = "WEFT_XDS_MAX_CONNECTION_AGE_GRACE", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub xds_max_connection_age_grace: Duration,
+}
+
+/// A duration, or `off`; `off` and 0 are both `Duration::ZERO`, which means disabled.
+fn duration_or_off(s: &str) -> Result<Duration, humantime::DurationError> {
+    if s.eq_ignore_ascii_case("off") {
+        return Ok(Duration::ZERO);
+    }
+    humantime::parse_duration(s)
+}
+
+impl Config {
+    /// The xDS server's limits from the `--xds-*` flags.
+    pub fn xds_limits(&self) -> XdsLimits {
+        let off_if_zero = |d: Duration| (!d.is_zero()).then_some(d);
+        XdsLimits {
+            max_request_bytes: self.xds_max_request_bytes,
+            max_streams_per_connection: self.xds_max_streams_per_connection,
+            max_streams: self.xds_max_streams,
+            requests_per_second: self.xds_requests_per_second,
+            request_burst: self.xds_request_burst,
+            max_node_bytes: self.xds_max_node_bytes,
+            max_subscriptions: self.xds_max_subscriptions,
+            keepalive_interval: off_if_zero(self.xds_keepalive_interval),
+            keepalive_timeout: self.xds_keepalive_timeout,
+            max_connection_age: off_if_zero(self.xds_max_connection_age),
+            max_connection_age_grace: self.xds_max_connection_age_grace,
+        }
+    }
+}
+
+fn parse_trust_domain(s: &str) -> Result<weft_identity::TrustDomain, String> {
+    weft_identity::TrustDomain::new(s).map_err(|e| e.to_string())
 }

@@ -168,10 +168,38 @@ async fn run(cfg: Config) -> Result<(), Failure> {
             Some(cs)
         }
     };
+    // mTLS on the gRPC port: loaded before anything is bound, so bad files exit 64.
+    let grpc_tls = match (
+        &cfg.tls_cert,
+        &cfg.tls_key,
+        &cfg.tls_client_ca,
+        &cfg.trust_domain,
+    ) {
+        (Some(cert), Some(key), Some(client_ca), Some(trust_domain)) => {
+            let files = weft_identity::ServerTlsFiles {
+                cert: cert.clone(),
+                key: key.clone(),
+                client_ca: client_ca.clone(),
+            };
+            let config = weft_identity::tls::mtls_server_config(
+                &files,
+                weft_identity::tls::DEFAULT_RELOAD_INTERVAL,
+            )
+            .map_err(|e| Failure::BadConfig(format!("--tls-*: {e}")))?;
+            Some(weft_identity::TlsIncoming {
+                config,
+                trust_domain: trust_domain.clone(),
+                handshake_timeout: cfg.tls_handshake_timeout,
+                max_handshakes: weft_identity::incoming::DEFAULT_MAX_HANDSHAKES,
+            })
+        }
+        _ => None,
+    };
     let embedded = weft_registration::EmbeddedRegistry::new(
         hub.add_source("registration"),
         weft_registration::RegistrationOptions {
             default_ttl: cfg.registration_default_ttl,
+            require_identity: grpc_tls.is_some(),
             ..Default::default()
         },
     );
@@ -191,11 +219,18 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         http_listener_port: cfg.envoy_http_port,
     };
 
+    let xds_limits = cfg.xds_limits();
     let xds = XdsServer::new(
         Arc::clone(&cache),
         |node| Flavor::classify(node).as_str().to_string(),
         shutdown_rx.clone(),
-    );
+    )
+    .with_limits(xds_limits.clone());
+    let xds = if grpc_tls.is_some() {
+        xds.with_authorizer(weft_xds_server::spiffe_node_authorizer())
+    } else {
+        xds
+    };
     xds.register_metrics(&mut metrics);
 
     let admin = {
@@ -313,6 +348,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     ));
     tracing::info!(
         xds = %cfg.xds_listen,
+        mtls = grpc_tls.is_some(),
         admin = %cfg.admin_listen,
         files = ?cfg.registry_files,
         etcd = ?cfg.etcd_endpoints,
@@ -322,14 +358,14 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         "weft control plane serving"
     );
 
-    let grpc = tonic::transport::Server::builder()
-        // Detect dead peers on idle streams; proxies otherwise hold half-open streams forever.
-        .http2_keepalive_interval(Some(std::time::Duration::from_secs(30)))
-        .http2_keepalive_timeout(Some(std::time::Duration::from_secs(10)))
+    // Keepalive (dead peers on idle streams), max connection age (rebalancing across
+    // replicas) and HTTP/2 streams per connection: see `XdsLimits`.
+    let grpc = xds_limits
+        .configure(tonic::transport::Server::builder())
         .add_routes(xds.routes())
         .add_service(embedded.service())
         .serve_with_incoming_shutdown(
-            tokio_stream_incoming(xds_listener),
+            weft_identity::incoming::incoming(xds_listener, grpc_tls),
             wait_true(shutdown_rx.clone()),
         );
     let server = tokio::spawn(grpc);
@@ -368,12 +404,6 @@ fn listen_with_backlog(
     socket.set_reuseaddr(true)?;
     socket.bind(addr)?;
     socket.listen(backlog)
-}
-
-fn tokio_stream_incoming(
-    listener: tokio::net::TcpListener,
-) -> tokio_stream::wrappers::TcpListenerStream {
-    tokio_stream::wrappers::TcpListenerStream::new(listener)
 }
 
 async fn wait_true(mut rx: watch::Receiver<bool>) {

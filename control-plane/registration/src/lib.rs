@@ -9,6 +9,10 @@
 //! - Feeds the hub through its [`SourceHandle`] only: `Apply(Instance)` (and `Apply(Service)`
 //!   when a protocol is given) on registration, `Delete` on deregistration or expiry.
 //! - Exposes Prometheus metrics ([`EmbeddedRegistry::register_metrics`]).
+//! - With [`RegistrationOptions::require_identity`] (mTLS on the gRPC port), refuses with
+//!   `PERMISSION_DENIED` any call for a service the caller's SPIFFE identity does not own
+//!   ([`weft_identity::authorize_service`]: `<service>.<namespace>`, or `<service>` in the
+//!   `default` namespace).
 //!
 //! What it does not do: persist anything. Leases live in memory, so after a control-plane
 //! restart the registry starts empty (and is synced at once); workloads find out on their next
@@ -53,6 +57,10 @@ pub struct RegistrationOptions {
     /// How often the reaper looks for expired leases. An instance is removed at most this long
     /// after its lease ends.
     pub reap_interval: Duration,
+    /// Every call must come over a connection whose client certificate carries a verified
+    /// SPIFFE identity ([`weft_identity::PeerInfo`] in the request extensions) owning the
+    /// request's `service`.
+    pub require_identity: bool,
 }
 
 impl Default for RegistrationOptions {
@@ -62,6 +70,7 @@ impl Default for RegistrationOptions {
             min_ttl: Duration::from_secs(1),
             max_ttl: Duration::from_secs(3600),
             reap_interval: Duration::from_millis(500),
+            require_identity: false,
         }
     }
 }
@@ -161,6 +170,7 @@ struct Metrics {
     registrations: Counter,
     expirations: Counter,
     deregistrations: Counter,
+    denied: Counter,
 }
 
 struct Inner {
@@ -230,6 +240,11 @@ impl EmbeddedRegistry {
             "weft_registration_deregistrations",
             "Instances removed by a Deregister call",
             m.deregistrations.clone(),
+        );
+        reg.register(
+            "weft_registration_denied",
+            "Calls refused because the caller's identity does not own the service",
+            m.denied.clone(),
         );
     }
 
@@ -514,12 +529,35 @@ impl EmbeddedRegistry {
     }
 }
 
+impl RegistrationService {
+    /// With [`RegistrationOptions::require_identity`], the caller's verified identity must own
+    /// `service`; the refusal names both.
+    fn authorize<T>(&self, request: &Request<T>, service: &str) -> Result<(), Status> {
+        if !self.registry.inner.opts.require_identity {
+            return Ok(());
+        }
+        let peer = request
+            .extensions()
+            .get::<weft_identity::PeerInfo>()
+            .map_or(weft_identity::PeerIdentity::Plain, |p| p.identity.clone());
+        let checked = peer.verified().and_then(|identity| {
+            weft_identity::authorize_service(identity, service).map_err(|e| e.to_string())
+        });
+        checked.map_err(|reason| {
+            self.registry.inner.metrics.denied.inc();
+            tracing::warn!(service = %service, %reason, "registration API call refused");
+            Status::permission_denied(reason)
+        })
+    }
+}
+
 #[tonic::async_trait]
 impl Registration for RegistrationService {
     async fn register(
         &self,
         request: Request<pb::RegisterRequest>,
     ) -> Result<Response<pb::RegisterResponse>, Status> {
+        self.authorize(&request, &request.get_ref().service)?;
         let req = request.into_inner();
         let service = req.service.clone();
         match self.registry.register(req) {
@@ -535,6 +573,7 @@ impl Registration for RegistrationService {
         &self,
         request: Request<pb::HeartbeatRequest>,
     ) -> Result<Response<pb::HeartbeatResponse>, Status> {
+        self.authorize(&request, &request.get_ref().service)?;
         let req = request.into_inner();
         match self.registry.heartbeat(req) {
             Ok(resp) => Ok(Response::new(resp)),
@@ -549,6 +588,7 @@ impl Registration for RegistrationService {
         &self,
         request: Request<pb::DeregisterRequest>,
     ) -> Result<Response<pb::DeregisterResponse>, Status> {
+        self.authorize(&request, &request.get_ref().service)?;
         self.registry.deregister(request.into_inner());
         Ok(Response::new(pb::DeregisterResponse {}))
     }
@@ -874,5 +914,77 @@ mod tests {
         assert!(matches!(e, RegistrationError::NotRegistered { .. }), "{e}");
         assert!(hub.current().registry.services.is_empty());
         assert!(reg.instances().is_empty());
+    }
+
+    #[tokio::test]
+    async fn require_identity_lets_an_identity_use_only_its_own_service() {
+        use weft_identity::{Identity, PeerIdentity, PeerInfo};
+        let (_hub, reg) = registry(RegistrationOptions {
+            require_identity: true,
+            ..Default::default()
+        });
+        let svc = RegistrationService {
+            registry: reg.clone(),
+        };
+        let web = Identity::parse("spiffe://weft.test/ns/default/svc/web").unwrap();
+        let as_peer = |identity: PeerIdentity, service: &str| {
+            let mut r = Request::new(req(service, "10.0.0.1", 80));
+            r.extensions_mut().insert(PeerInfo {
+                remote_addr: None,
+                identity,
+            });
+            r
+        };
+        let denied = svc
+            .register(as_peer(PeerIdentity::Verified(web.clone()), "api"))
+            .await
+            .unwrap_err();
+        assert_eq!(denied.code(), tonic::Code::PermissionDenied);
+        assert!(
+            denied
+                .message()
+                .contains("spiffe://weft.test/ns/default/svc/web")
+                && denied.message().contains("`api`"),
+            "{}",
+            denied.message()
+        );
+        // No certificate at all (plain connection, or no PeerInfo) is refused too.
+        let plain = svc.register(Request::new(req("web", "10.0.0.1", 80))).await;
+        assert_eq!(plain.unwrap_err().code(), tonic::Code::PermissionDenied);
+        assert!(reg.instances().is_empty());
+
+        let ok = svc
+            .register(as_peer(PeerIdentity::Verified(web.clone()), "web"))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(reg.instances().len(), 1);
+        // Heartbeat and deregister of another service's instance are refused as well.
+        let mut hb = Request::new(pb::HeartbeatRequest {
+            service: "api".into(),
+            instance_id: ok.instance_id.clone(),
+            health: 0,
+        });
+        hb.extensions_mut().insert(PeerInfo {
+            remote_addr: None,
+            identity: PeerIdentity::Verified(web.clone()),
+        });
+        assert_eq!(
+            svc.heartbeat(hb).await.unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        let mut dereg = Request::new(pb::DeregisterRequest {
+            service: "api".into(),
+            instance_id: ok.instance_id,
+        });
+        dereg.extensions_mut().insert(PeerInfo {
+            remote_addr: None,
+            identity: PeerIdentity::Verified(web),
+        });
+        assert_eq!(
+            svc.deregister(dereg).await.unwrap_err().code(),
+            tonic::Code::PermissionDenied
+        );
+        assert_eq!(reg.instances().len(), 1);
     }
 }

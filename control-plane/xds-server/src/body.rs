@@ -13,6 +13,7 @@ use std::task::{Context, Poll};
 
 use bytes::Bytes;
 use http_body::Frame;
+use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::mpsc;
 use tonic::Status;
 use tonic::codegen::http::{HeaderMap, HeaderValue};
@@ -29,14 +30,30 @@ pub(crate) struct ResponseBody<M> {
     rx: mpsc::Receiver<Outgoing<M>>,
     queue: VecDeque<Bytes>,
     done: bool,
+    /// `weft_xds_queued_responses`: the stream task adds one before it sends a response, this
+    /// body takes it off when it receives one (or drops it unsent).
+    queued: Gauge,
 }
 
 impl<M> ResponseBody<M> {
-    pub(crate) fn new(rx: mpsc::Receiver<Outgoing<M>>) -> Self {
+    pub(crate) fn new(rx: mpsc::Receiver<Outgoing<M>>, queued: Gauge) -> Self {
         Self {
             rx,
             queue: VecDeque::new(),
             done: false,
+            queued,
+        }
+    }
+}
+
+impl<M> Drop for ResponseBody<M> {
+    fn drop(&mut self) {
+        // Closing first means no response can be sent after the count below.
+        self.rx.close();
+        while let Ok(o) = self.rx.try_recv() {
+            if o.is_ok() {
+                self.queued.dec();
+            }
         }
     }
 }
@@ -66,7 +83,10 @@ impl<M: Frames + Send + 'static> http_body::Body for ResponseBody<M> {
                 return Poll::Ready(None);
             }
             match this.rx.poll_recv(cx).map(|o| o.map(|b| *b)) {
-                Poll::Ready(Some(Ok(m))) => this.queue = m.frames().into(),
+                Poll::Ready(Some(Ok(m))) => {
+                    this.queued.dec();
+                    this.queue = m.frames().into();
+                }
                 Poll::Ready(Some(Err(status))) => {
                     this.done = true;
                     return Poll::Ready(Some(Ok(Frame::trailers(trailers(&status)))));

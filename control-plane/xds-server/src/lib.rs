@@ -13,12 +13,16 @@
 //! in the [`weft_xds_cache::Cache`], choosing a flavour per client with the classifier it is
 //! given.
 
+pub mod authz;
 mod body;
 pub mod codec;
+mod limits;
 pub mod metrics;
 mod server;
 pub mod state;
 mod stream;
 
+pub use authz::{Authorizer, spiffe_node_authorizer};
+pub use limits::XdsLimits;
 pub use server::{Ads, Cds, Classifier, ClientStatus, Eds, Kind, Lds, Rds, XdsServer, XdsService};
 pub use state::{CLUSTER, ENDPOINT, LISTENER, ORDER, ROUTE, Variant};

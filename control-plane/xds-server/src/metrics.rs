@@ -19,6 +19,12 @@ pub struct TypeLabels {
     pub type_url: String,
 }
 
+/// Why a stream was refused, or ended by a limit (see [`crate::XdsLimits`]).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RefusedLabels {
+    pub reason: &'static str,
+}
+
 #[derive(Clone, Debug)]
 pub struct XdsMetrics {
     pub streams: Family<StreamLabels, Gauge>,
@@ -30,6 +36,13 @@ pub struct XdsMetrics {
     pub nacks: Family<TypeLabels, Counter>,
     pub stream_errors: Family<StreamLabels, Counter>,
     pub convergence: Histogram,
+    /// Streams refused by the authorizer (mTLS identity does not own the node id).
+    pub streams_denied: Counter,
+    pub streams_refused: Family<RefusedLabels, Counter>,
+    pub requests_throttled: Counter,
+    /// Responses made and not yet taken by their streams' HTTP/2 writers: up to 8 in a
+    /// stream's queue and the one its task waits to put in.
+    pub queued_responses: Gauge,
 }
 
 impl Default for XdsMetrics {
@@ -44,6 +57,10 @@ impl Default for XdsMetrics {
             stream_errors: Family::default(),
             // 1 ms .. ~16 s.
             convergence: Histogram::new(exponential_buckets(0.001, 2.0, 15)),
+            streams_denied: Counter::default(),
+            streams_refused: Family::default(),
+            requests_throttled: Counter::default(),
+            queued_responses: Gauge::default(),
         }
     }
 }
@@ -86,9 +103,30 @@ impl XdsMetrics {
             self.stream_errors.clone(),
         );
         reg.register(
+            "weft_xds_streams_denied",
+            "xDS streams refused because the client's identity does not own the node id",
+            self.streams_denied.clone(),
+        );
+        reg.register(
             "weft_xds_convergence_seconds",
             "Time from a registry change to the client's ACK of the response carrying it",
             self.convergence.clone(),
+        );
+        reg.register(
+            "weft_xds_streams_refused",
+            "xDS streams refused or ended by a limit, by reason (max_streams, node_too_large, \
+             request_too_large, too_many_subscriptions)",
+            self.streams_refused.clone(),
+        );
+        reg.register(
+            "weft_xds_requests_throttled",
+            "xDS requests read late because their stream was over its request rate",
+            self.requests_throttled.clone(),
+        );
+        reg.register(
+            "weft_xds_queued_responses",
+            "xDS responses waiting in streams' send queues, with the one a blocked stream holds (at most 9 per stream)",
+            self.queued_responses.clone(),
         );
     }
 }

@@ -3,8 +3,8 @@
 use std::collections::BTreeMap;
 use std::convert::Infallible;
 use std::marker::PhantomData;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use envoy_types::pb::envoy::config::core::v3::Node;
@@ -15,6 +15,8 @@ use tonic::server::NamedService;
 use tonic::{Status, Streaming};
 
 use crate::body::ResponseBody;
+use crate::limits::XdsLimits;
+use crate::metrics::RefusedLabels;
 use weft_xds_cache::Cache;
 
 use crate::metrics::XdsMetrics;
@@ -35,6 +37,13 @@ pub(crate) struct Inner {
     next_id: AtomicU64,
     /// Subscription name sets shared by every stream.
     pub(crate) name_sets: Arc<NameSets>,
+    /// Set by [`XdsServer::with_authorizer`]; none means every peer may be any node.
+    pub(crate) authorizer: std::sync::OnceLock<crate::authz::Authorizer>,
+    /// Read once per stream when it opens; see [`XdsServer::with_limits`].
+    limits: RwLock<Arc<XdsLimits>>,
+    /// Streams admitted and not yet ended (including those waiting for their first request),
+    /// for [`XdsLimits::max_streams`].
+    open_streams: AtomicUsize,
 }
 
 pub(crate) struct ClientEntry {
@@ -93,6 +102,34 @@ impl Inner {
         self.clients.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    pub(crate) fn limits(&self) -> Arc<XdsLimits> {
+        Arc::clone(&self.limits.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    pub(crate) fn refused(&self, reason: &'static str) {
+        self.metrics
+            .streams_refused
+            .get_or_create(&RefusedLabels { reason })
+            .inc();
+    }
+
+    /// Takes a slot of [`XdsLimits::max_streams`], or says why not.
+    fn admit(self: &Arc<Self>) -> Result<StreamPermit, Status> {
+        let max = self.limits().max_streams;
+        let before = self.open_streams.fetch_add(1, Ordering::AcqRel);
+        if before >= max {
+            self.open_streams.fetch_sub(1, Ordering::AcqRel);
+            self.refused("max_streams");
+            // RESOURCE_EXHAUSTED rather than UNAVAILABLE: the client should back off before
+            // retrying (Envoy does), ideally against another replica.
+            return Err(Status::resource_exhausted(format!(
+                "this control plane serves at most {max} xDS streams (--xds-max-streams); \
+                 retry later or connect to another replica"
+            )));
+        }
+        Ok(StreamPermit(Arc::clone(self)))
+    }
+
     pub(crate) fn register_client(self: &Arc<Self>, entry: ClientEntry) -> ClientGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.clients_lock().insert(id, entry);
@@ -100,6 +137,15 @@ impl Inner {
             inner: Arc::clone(self),
             id,
         }
+    }
+}
+
+/// A slot of [`XdsLimits::max_streams`], given back when the stream task ends.
+struct StreamPermit(Arc<Inner>);
+
+impl Drop for StreamPermit {
+    fn drop(&mut self) {
+        self.0.open_streams.fetch_sub(1, Ordering::AcqRel);
     }
 }
 
@@ -146,8 +192,27 @@ impl XdsServer {
                 clients: Mutex::new(BTreeMap::new()),
                 next_id: AtomicU64::new(0),
                 name_sets: Arc::default(),
+                authorizer: std::sync::OnceLock::new(),
+                limits: RwLock::new(Arc::new(XdsLimits::default())),
+                open_streams: AtomicUsize::new(0),
             }),
         }
+    }
+
+    /// Sets the stream-level limits (the connection-level ones are set on the gRPC server with
+    /// [`XdsLimits::configure`]). Streams already open keep the limits they opened with.
+    #[must_use]
+    pub fn with_limits(self, limits: XdsLimits) -> Self {
+        *self.inner.limits.write().unwrap_or_else(|p| p.into_inner()) = Arc::new(limits);
+        self
+    }
+
+    /// Checks every stream's peer against its first node id (see [`crate::authz`]). Set once;
+    /// a second call is ignored.
+    #[must_use]
+    pub fn with_authorizer(self, authorizer: crate::authz::Authorizer) -> Self {
+        let _ = self.inner.authorizer.set(authorizer);
+        self
     }
 
     pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
@@ -323,9 +388,6 @@ where
     }
 }
 
-/// The largest request accepted (tonic's default); a larger one ends the stream.
-const MAX_REQUEST: usize = 4 * 1024 * 1024;
-
 /// A request decoder whose buffer starts at 1 KiB instead of tonic's 8 KiB. The buffer lives
 /// as long as the stream and most requests (ACKs) are a few hundred bytes; it still grows to
 /// the largest request when one is larger.
@@ -358,13 +420,25 @@ where
     B::Error: Into<StdError> + Send + 'static,
 {
     use tonic::codec::Codec;
+    // Refused before anything is allocated for it: past the limit a stream costs only this.
+    let permit = match inner.admit() {
+        Ok(p) => p,
+        Err(status) => return status.into_http(),
+    };
+    let max_request = inner.limits().max_request_bytes;
+    let peer = crate::authz::peer_of(&req);
     let decoder = SmallBuffer(tonic_prost::ProstCodec::<F::Resp, F::Req>::default().decoder());
-    let requests = Streaming::new_request(decoder, req.into_body(), None, Some(MAX_REQUEST));
-    // Small: at most one un-ACKed response per type is ever queued (four types), so a slow
-    // client back-pressures its own task and nothing else.
+    let requests = Streaming::new_request(decoder, req.into_body(), None, Some(max_request));
+    // Small: at most one un-ACKed response per type is outstanding (four types), so a slow
+    // client back-pressures its own task and nothing else; a client that ACKs unseen
+    // responses fills it, and then its task waits (tests/limits.rs, the blind ACKer).
     let (tx, rx) = mpsc::channel(8);
-    tokio::spawn(run::<F>(inner, K::LABEL, K::ONLY_TYPE, requests, tx));
-    let mut resp = http::Response::new(tonic::body::Body::new(ResponseBody::new(rx)));
+    let queued = inner.metrics.queued_responses.clone();
+    tokio::spawn(async move {
+        let _permit = permit;
+        run::<F>(inner, K::LABEL, K::ONLY_TYPE, requests, tx, peer).await;
+    });
+    let mut resp = http::Response::new(tonic::body::Body::new(ResponseBody::new(rx, queued)));
     resp.headers_mut().insert(
         http::header::CONTENT_TYPE,
         http::HeaderValue::from_static("application/grpc"),

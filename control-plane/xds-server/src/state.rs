@@ -464,6 +464,12 @@ impl StreamState {
             .collect()
     }
 
+    /// Resource names subscribed to, across all types (a wildcard counts as none), for
+    /// [`crate::XdsLimits::max_subscriptions`].
+    pub fn subscription_count(&self) -> usize {
+        self.types.values().map(|t| t.names.len()).sum()
+    }
+
     fn check_type(&self, type_url: &str) -> Result<&'static str, ProtocolError> {
         let type_url = if type_url.is_empty() {
             self.only_type.ok_or(ProtocolError::MissingType)?
@@ -720,21 +726,24 @@ impl StreamState {
                 send.sort_by(|a, b| a.name.cmp(&b.name));
             }
             let mut removed = d.gone;
-            // With every resource in scope and as many names as resources, no subscribed
-            // name can be missing: skip the per-name lookups.
-            let absent: Vec<String> = if d.whole && ts.names.len() <= tsnap.resources.len() {
-                Vec::new()
-            } else {
-                ts.names
-                    .iter()
-                    .filter(|n| {
-                        !tsnap.resources.contains_key(*n)
-                            && ts.held.get(n).is_none()
-                            && !ts.absent_reported.contains(*n)
-                    })
-                    .cloned()
-                    .collect()
-            };
+            // When the names cover every resource and are no more than the resources, they are
+            // exactly the resources and none can be missing: skip the per-name lookups. Not
+            // under wildcard, where every resource is in scope whatever the names are (found by
+            // tests/fuzz xds_delta: `*` plus a missing name was never reported removed).
+            let absent: Vec<String> =
+                if d.whole && !ts.wildcard && ts.names.len() <= tsnap.resources.len() {
+                    Vec::new()
+                } else {
+                    ts.names
+                        .iter()
+                        .filter(|n| {
+                            !tsnap.resources.contains_key(*n)
+                                && ts.held.get(n).is_none()
+                                && !ts.absent_reported.contains(*n)
+                        })
+                        .cloned()
+                        .collect()
+                };
             removed.extend(absent.iter().cloned());
             removed.sort();
             removed.dedup();
@@ -778,7 +787,15 @@ impl StreamState {
             };
             ts.evaluated = snap_version;
             ts.held = held;
+            // A subscribed name removed because it stopped existing has been reported too
+            // (found by tests/fuzz xds_delta: it was reported again in the next response).
+            let reported: Vec<String> = removed
+                .iter()
+                .filter(|n| ts.names.contains(*n) && !tsnap.resources.contains_key(*n))
+                .cloned()
+                .collect();
             ts.absent_reported.extend(absent);
+            ts.absent_reported.extend(reported);
             ts.resend.clear();
             ts.sent(&nonce, &system_version_info, oldest_change);
             out.push(DeltaOut {
@@ -1094,6 +1111,44 @@ mod tests {
         );
         let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
         assert!(matches!(&out[0].resources, SotwResources::Each(v) if v.len() == 1));
+    }
+
+    #[test]
+    fn delta_wildcard_reports_a_missing_explicit_name() {
+        // Found by tests/fuzz (xds_delta): wildcard plus an explicit name that does not exist,
+        // with as many names as resources, skipped the check for missing names.
+        let c = Cache::new(&["envoy"], &ORDER);
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::replace(ENDPOINT, [cla("b", 1)])],
+            Instant::now(),
+        );
+        let mut st = StreamState::new(Variant::Delta, None, Arc::default());
+        st.on_delta_request(&delta(ENDPOINT, &["*", "a"], ""), Instant::now())
+            .unwrap();
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].resources.len(), 1);
+        assert_eq!(out[0].removed, ["a"]);
+    }
+
+    #[test]
+    fn delta_reports_a_missing_name_once() {
+        // Found by tests/fuzz (xds_delta): a subscribed name the client claimed to hold
+        // (initial_resource_versions) but that does not exist was removed, then reported
+        // missing again in a second response.
+        let c = Cache::new(&["envoy"], &ORDER);
+        let mut st = StreamState::new(Variant::Delta, None, Arc::default());
+        let mut req = delta(ENDPOINT, &["a"], "");
+        req.initial_resource_versions = [("a".to_string(), "1".to_string())].into();
+        st.on_delta_request(&req, Instant::now()).unwrap();
+        let snap = c.snapshot("envoy").unwrap();
+        let out = st.delta_responses(&snap);
+        assert_eq!(out.len(), 1);
+        assert_eq!(out[0].removed, ["a"]);
+        st.on_delta_request(&delta(ENDPOINT, &[], &out[0].nonce), Instant::now())
+            .unwrap();
+        assert!(st.delta_responses(&snap).is_empty());
     }
 
     #[test]

@@ -12,6 +12,7 @@ use weft_xds_cache::FlavorSnapshot;
 
 use crate::body::Outgoing;
 use crate::codec::{DeltaResponse, SotwResponse};
+use crate::limits::RequestBucket;
 use crate::metrics::{StreamLabels, TypeLabels};
 use crate::server::{ClientEntry, Inner};
 use crate::state::{ProtocolError, RequestKind, RequestOutcome, StreamState, Variant};
@@ -100,6 +101,7 @@ pub(crate) async fn run<F: Flow>(
     only_type: Option<&'static str>,
     mut requests: Streaming<F::Req>,
     tx: mpsc::Sender<Outgoing<F::Resp>>,
+    peer: weft_identity::PeerIdentity,
 ) {
     let labels = StreamLabels {
         variant: F::VARIANT.as_str(),
@@ -116,13 +118,41 @@ pub(crate) async fn run<F: Flow>(
         Err(status) => {
             if is_malformed(&status) {
                 inner.metrics.stream_errors.get_or_create(&labels).inc();
-                let _ = tx.send(Box::new(Err(malformed(&status)))).await;
+                let _ = tx.send(Box::new(Err(malformed(&inner, &status)))).await;
             }
             tracing::debug!(%status, "xDS stream failed before its first request");
             return;
         }
     };
+    let limits = inner.limits();
+    // Checked before the node is copied, classified or listed in /debug/clients. Only the
+    // first request's node is used; later ones are bounded by the request size limit.
+    let node_bytes = F::node(&first).map_or(0, prost::Message::encoded_len);
+    if node_bytes > limits.max_node_bytes {
+        inner.refused("node_too_large");
+        tracing::warn!(
+            node_bytes,
+            limit = limits.max_node_bytes,
+            "xDS stream refused: node too large"
+        );
+        let _ = tx
+            .send(Box::new(Err(Status::invalid_argument(format!(
+                "node is {node_bytes} bytes encoded, over the limit of {} bytes \
+                 (--xds-max-node-bytes)",
+                limits.max_node_bytes
+            )))))
+            .await;
+        return;
+    }
+    let mut bucket = RequestBucket::new(&limits, Instant::now());
+    bucket.take(Instant::now());
+    // Set when reading paused for lack of tokens; the request read after it counts as throttled.
+    let mut throttled = false;
     let node = F::node(&first).cloned().unwrap_or_default();
+    if let Err(status) = crate::authz::check(&inner, &peer, &node.id) {
+        let _ = tx.send(Box::new(Err(status))).await;
+        return;
+    }
     let flavor = (inner.classify)(F::node(&first));
     let Some(mut snapshots) = inner.cache.subscribe(&flavor) else {
         let _ = tx
@@ -196,6 +226,20 @@ pub(crate) async fn run<F: Flow>(
                     inner.record(&node.id, F::VARIANT, o);
                 }
             }
+            let subscriptions = lock(&state).subscription_count();
+            if subscriptions > limits.max_subscriptions {
+                inner.refused("too_many_subscriptions");
+                tracing::warn!(node = %node.id, subscriptions, "xDS stream ended: too many subscriptions");
+                let _ = tx
+                    .send(Box::new(Err(Status::resource_exhausted(format!(
+                        "request would subscribe this stream to {subscriptions} resource \
+                         names, over the limit of {} (--xds-max-subscriptions); use a \
+                         wildcard subscription instead",
+                        limits.max_subscriptions
+                    )))))
+                    .await;
+                return;
+            }
         }
         let snap = Arc::clone(&snapshots.borrow_and_update());
         let responses = F::respond(&mut lock(&state), &snap);
@@ -208,10 +252,14 @@ pub(crate) async fn run<F: Flow>(
                     type_url,
                 })
                 .inc();
+            inner.metrics.queued_responses.inc();
             if tx.send(Box::new(Ok(resp))).await.is_err() {
+                inner.metrics.queued_responses.dec();
                 return;
             }
         }
+        let wait = bucket.wait(Instant::now());
+        throttled |= wait.is_some();
         tokio::select! {
             biased;
             () = drained(&mut drain) => {
@@ -220,14 +268,22 @@ pub(crate) async fn run<F: Flow>(
                 let _ = tx.send(Box::new(Err(Status::unavailable("control plane is shutting down")))).await;
                 return;
             }
-            r = requests.message() => match r {
-                Ok(Some(req)) => next = Some(req),
+            // Out of tokens: leave requests unread until one refills (see `RequestBucket`).
+            () = tokio::time::sleep(wait.unwrap_or_default()), if wait.is_some() => {}
+            r = requests.message(), if wait.is_none() => match r {
+                Ok(Some(req)) => {
+                    bucket.take(Instant::now());
+                    if std::mem::take(&mut throttled) {
+                        inner.metrics.requests_throttled.inc();
+                    }
+                    next = Some(req);
+                }
                 Ok(None) => return,
                 Err(status) => {
                     if is_malformed(&status) {
                         inner.metrics.stream_errors.get_or_create(&labels).inc();
                         tracing::warn!(node = %node.id, %status, "xDS stream ended: malformed request");
-                        let _ = tx.send(Box::new(Err(malformed(&status)))).await;
+                        let _ = tx.send(Box::new(Err(malformed(&inner, &status)))).await;
                     } else {
                         tracing::debug!(node = %node.id, %status, "xDS stream ended by the client");
                     }
@@ -253,7 +309,16 @@ fn is_malformed(status: &Status) -> bool {
 /// Tells the client why its stream ends when its request could not be read (garbage that is
 /// not a protobuf message, or a message over the size limit). A transport failure (client
 /// gone) makes the send fail silently, which is fine.
-fn malformed(status: &Status) -> Status {
+fn malformed(inner: &Inner, status: &Status) -> Status {
+    // tonic says OUT_OF_RANGE when the length prefix is over the limit, before reading the
+    // body. gRPC servers answer RESOURCE_EXHAUSTED for that; name the flag that sets it.
+    if status.code() == tonic::Code::OutOfRange {
+        inner.refused("request_too_large");
+        return Status::resource_exhausted(format!(
+            "xDS request over the size limit (--xds-max-request-bytes): {}",
+            status.message()
+        ));
+    }
     Status::invalid_argument(format!("malformed xDS request: {}", status.message()))
 }
 

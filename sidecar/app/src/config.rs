@@ -76,9 +76,27 @@ pub struct Config {
     #[arg(long, env = "WEFT_ADMIN_LISTEN", default_value = "127.0.0.1:15000")]
     pub admin_listen: SocketAddr,
 
-    /// The control plane's xDS port, `http://host:port` (also its registration API).
+    /// The control plane's xDS port, `http://host:port` (also its registration API), or
+    /// `https://host:port` for mTLS (needs --tls-ca, --tls-cert and --tls-key).
     #[arg(long, env = "WEFT_CONTROL_PLANE", value_parser = parse_control_plane)]
     pub control_plane: String,
+
+    /// CA certificate (PEM) that signs the control plane's certificate (`https://` only).
+    #[arg(long, env = "WEFT_TLS_CA")]
+    pub tls_ca: Option<PathBuf>,
+
+    /// This sidecar's client certificate (PEM), carrying its SPIFFE ID as its one URI SAN
+    /// (`https://` only); needs --tls-key. See docs/security.md.
+    #[arg(long, env = "WEFT_TLS_CERT", requires = "tls_key")]
+    pub tls_cert: Option<PathBuf>,
+
+    /// Private key (PEM) of --tls-cert.
+    #[arg(long, env = "WEFT_TLS_KEY", requires = "tls_cert")]
+    pub tls_key: Option<PathBuf>,
+
+    /// Name the control plane's certificate must carry [default: the --control-plane host].
+    #[arg(long, env = "WEFT_TLS_SERVER_NAME")]
+    pub tls_server_name: Option<String>,
 
     /// xDS protocol variant: `delta` (incremental) or `sotw` (state of the world).
     #[arg(long, env = "WEFT_XDS_VARIANT", value_enum, default_value_t = XdsVariant::Delta)]
@@ -204,6 +222,8 @@ pub struct Settings {
     /// The control plane's host and port, for finding the advertise address.
     pub control_plane_host: String,
     pub control_plane_port: u16,
+    /// mTLS to the control plane (`https://` control plane).
+    pub control_plane_tls: Option<weft_identity::ClientTlsFiles>,
     pub schedule: Schedule,
     pub metadata: BTreeMap<String, String>,
 }
@@ -229,6 +249,7 @@ impl Config {
         if self.health_timeout.is_zero() {
             return Err("--health-timeout must be above zero".into());
         }
+        let control_plane_tls = self.control_plane_tls()?;
         let tls_files = self.etcd_ca.is_some() || self.etcd_cert.is_some();
         let consul_tls_files = self.consul_ca.is_some() || self.consul_cert.is_some();
         let backend = match self.register.as_str() {
@@ -237,6 +258,11 @@ impl Config {
                 let mut backend =
                     Backend::parse(value, &self.control_plane).map_err(|e| e.to_string())?;
                 match &mut backend {
+                    // Guarded so that etcd/Consul TLS files given with this backend still
+                    // fall through to the errors below.
+                    Backend::ControlPlane { tls, .. } if !tls_files && !consul_tls_files => {
+                        tls.clone_from(&control_plane_tls)
+                    }
                     Backend::Etcd { ca, cert, key, .. } if value.starts_with("etcds://") => {
                         ca.clone_from(&self.etcd_ca);
                         cert.clone_from(&self.etcd_cert);
@@ -281,6 +307,7 @@ impl Config {
             backend,
             control_plane_host,
             control_plane_port,
+            control_plane_tls,
             schedule: Schedule {
                 interval: self.health_interval,
                 timeout: self.health_timeout,
@@ -289,6 +316,40 @@ impl Config {
             },
             metadata,
         })
+    }
+}
+
+impl Config {
+    /// `https://` needs all three TLS files, `http://` none; the files must load now.
+    fn control_plane_tls(&self) -> Result<Option<weft_identity::ClientTlsFiles>, String> {
+        let https = self.control_plane.starts_with("https://");
+        match (&self.tls_ca, &self.tls_cert, &self.tls_key) {
+            (Some(ca), Some(cert), Some(key)) if https => {
+                let files = weft_identity::ClientTlsFiles {
+                    ca: ca.clone(),
+                    cert: cert.clone(),
+                    key: key.clone(),
+                    server_name: self.tls_server_name.clone(),
+                };
+                files.load_pems().map_err(|e| format!("--tls-*: {e}"))?;
+                Ok(Some(files))
+            }
+            (None, None, None) if !https => {
+                if self.tls_server_name.is_some() {
+                    return Err("--tls-server-name needs --control-plane https://...".into());
+                }
+                Ok(None)
+            }
+            _ if https => Err(format!(
+                "--control-plane `{}` is https: it needs --tls-ca, --tls-cert and --tls-key \
+                 (the control plane requires a client certificate)",
+                self.control_plane
+            )),
+            _ => Err(format!(
+                "--tls-ca/--tls-cert/--tls-key need --control-plane https://..., not `{}`",
+                self.control_plane
+            )),
+        }
     }
 }
 
@@ -312,11 +373,11 @@ fn parse_control_plane(s: &str) -> Result<String, String> {
     split_control_plane(s).map(|_| s.trim_end_matches('/').to_string())
 }
 
-/// `http://host:port` -> (host, port). Only plain http: the xDS client and the registration
-/// client speak h2c.
+/// `http://host:port` or `https://host:port` -> (host, port).
 fn split_control_plane(s: &str) -> Result<(String, u16), String> {
     let rest = s
         .strip_prefix("http://")
+        .or_else(|| s.strip_prefix("https://"))
         .ok_or_else(|| format!("--control-plane `{s}`: expected http://host:port"))?;
     let authority = rest.trim_end_matches('/');
     if authority.contains('/') {
@@ -352,10 +413,52 @@ mod tests {
             split_control_plane("http://[::1]:18000/").unwrap(),
             ("::1".to_string(), 18000)
         );
+        assert_eq!(
+            split_control_plane("https://cp.mesh:18000").unwrap(),
+            ("cp.mesh".to_string(), 18000)
+        );
         assert!(split_control_plane("cp:18000").is_err());
         assert!(split_control_plane("http://cp").is_err());
         assert!(split_control_plane("http://cp:x").is_err());
         assert!(split_control_plane("http://cp:1/x").is_err());
+    }
+
+    #[test]
+    fn tls_flags_must_match_the_control_plane_scheme() {
+        let cfg = |extra: &[&str]| {
+            let mut args = vec!["weft-sidecar", "--service", "web", "--app-port", "8080"];
+            args.extend_from_slice(extra);
+            Config::try_parse_from(args).unwrap()
+        };
+        let err = cfg(&["--control-plane", "https://cp:18000"])
+            .settings()
+            .unwrap_err();
+        assert!(
+            err.contains("needs --tls-ca, --tls-cert and --tls-key"),
+            "{err}"
+        );
+        let err = cfg(&["--control-plane", "http://cp:18000", "--tls-ca", "/ca.crt"])
+            .settings()
+            .unwrap_err();
+        assert!(err.contains("need --control-plane https://"), "{err}");
+        let err = cfg(&[
+            "--control-plane",
+            "https://cp:18000",
+            "--tls-ca",
+            "/nonexistent/ca.crt",
+            "--tls-cert",
+            "/nonexistent/c.crt",
+            "--tls-key",
+            "/nonexistent/c.key",
+        ])
+        .settings()
+        .unwrap_err();
+        assert!(err.contains("/nonexistent/ca.crt"), "{err}");
+        assert!(
+            cfg(&["--control-plane", "http://cp:18000"])
+                .settings()
+                .is_ok()
+        );
     }
 
     #[test]

@@ -233,6 +233,7 @@ async fn run(cfg: Config, settings: Settings) -> Result<(), Failure> {
         backoff_initial: XDS_BACKOFF_INITIAL,
         backoff_max: XDS_BACKOFF_MAX,
         connect_timeout: XDS_CONNECT_TIMEOUT,
+        tls: settings.control_plane_tls.clone(),
     });
     let xds_state = xds_client.state();
     tokio::spawn(xds::sync_mesh(
@@ -638,8 +639,8 @@ async fn advertise_address(inbound_ip: IpAddr, s: &Settings) -> anyhow::Result<I
 
 fn describe_backend(b: &Backend) -> serde_json::Value {
     match b {
-        Backend::ControlPlane { endpoint } => {
-            serde_json::json!({ "kind": "control-plane", "endpoint": endpoint })
+        Backend::ControlPlane { endpoint, tls } => {
+            serde_json::json!({ "kind": "control-plane", "endpoint": endpoint, "tls": tls.is_some() })
         }
         Backend::Etcd {
             endpoints,

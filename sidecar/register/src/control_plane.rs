@@ -26,10 +26,25 @@ struct State {
     last_ok: Instant,
 }
 
-pub(crate) async fn run(endpoint: String, mut ctx: Ctx, stop: oneshot::Receiver<Reply>) {
+pub(crate) async fn run(
+    endpoint: String,
+    tls: Option<weft_identity::ClientTlsFiles>,
+    mut ctx: Ctx,
+    stop: oneshot::Receiver<Reply>,
+) {
     let ttl = ctx.instance.ttl.max(Duration::from_secs(1));
     let rpc_timeout = (ttl / 3).clamp(Duration::from_secs(1), Duration::from_secs(10));
-    let channel = match Endpoint::from_shared(endpoint.clone()) {
+    let endpoint_with_tls = Endpoint::from_shared(endpoint.clone())
+        .map_err(|e| e.to_string())
+        .and_then(|ep| match &tls {
+            // Read once: the channel reconnects by itself with this config, so a renewed
+            // client certificate is used after the sidecar restarts.
+            Some(files) => weft_identity::tls::tonic_client_tls(files)
+                .map_err(|e| e.to_string())
+                .and_then(|cfg| ep.tls_config(cfg).map_err(|e| e.to_string())),
+            None => Ok(ep),
+        });
+    let channel = match endpoint_with_tls {
         Ok(ep) => ep
             .connect_timeout(rpc_timeout)
             .timeout(rpc_timeout)
@@ -39,7 +54,7 @@ pub(crate) async fn run(endpoint: String, mut ctx: Ctx, stop: oneshot::Receiver<
             // A malformed endpoint will not heal by retrying; say so and wait to be stopped.
             let e = RegisterError::Connect {
                 endpoint: endpoint.clone(),
-                message: e.to_string(),
+                message: e,
             };
             tracing::error!(error = %e, "cannot register");
             ctx.record_error(&e);

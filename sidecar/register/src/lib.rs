@@ -70,8 +70,12 @@ pub const CONSUL_TOKEN_ENV: &str = "CONSUL_HTTP_TOKEN";
 /// Where to register.
 #[derive(Clone, PartialEq, Eq)]
 pub enum Backend {
-    /// The control plane's Registration API at `http://host:port` (its xDS port).
-    ControlPlane { endpoint: String },
+    /// The control plane's Registration API at `http://host:port` (its xDS port), or
+    /// `https://host:port` with `tls` (mTLS: the sidecar's client certificate).
+    ControlPlane {
+        endpoint: String,
+        tls: Option<weft_identity::ClientTlsFiles>,
+    },
     /// etcd: endpoints, key prefix (control plane's `--etcd-prefix`, default `/weft`), TLS.
     Etcd {
         endpoints: Vec<String>,
@@ -115,9 +119,10 @@ impl std::fmt::Debug for Backend {
     // By hand so that the Consul token never reaches a log line.
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Backend::ControlPlane { endpoint } => f
+            Backend::ControlPlane { endpoint, tls } => f
                 .debug_struct("ControlPlane")
                 .field("endpoint", endpoint)
+                .field("tls", tls)
                 .finish(),
             Backend::Etcd {
                 endpoints,
@@ -191,6 +196,7 @@ impl Backend {
             }
             return Ok(Backend::ControlPlane {
                 endpoint: control_plane.to_string(),
+                tls: None,
             });
         }
         let consul = if let Some(rest) = value.strip_prefix("consul://") {
@@ -446,7 +452,9 @@ async fn run(backend: Backend, mut ctx: Ctx, mut stop: oneshot::Receiver<Reply>)
         return;
     }
     match backend {
-        Backend::ControlPlane { endpoint } => control_plane::run(endpoint, ctx, stop).await,
+        Backend::ControlPlane { endpoint, tls } => {
+            control_plane::run(endpoint, tls, ctx, stop).await
+        }
         Backend::Etcd {
             endpoints,
             prefix,
@@ -543,6 +551,7 @@ mod tests {
                 "control-plane",
                 Backend::ControlPlane {
                     endpoint: cp.into(),
+                    tls: None,
                 },
             ),
             ("etcd://h:2379", etcd(&["http://h:2379"], "/weft")),

@@ -138,6 +138,7 @@ async fn registers_after_healthy_and_pushes_health_changes_at_once() {
     let reg = Registration::spawn(
         Backend::ControlPlane {
             endpoint: cp.endpoint(),
+            tls: None,
         },
         instance(Duration::from_secs(30)),
     );
@@ -210,6 +211,7 @@ async fn heartbeats_keep_it_and_a_restarted_control_plane_gets_it_back() {
     let reg = Registration::spawn(
         Backend::ControlPlane {
             endpoint: cp.endpoint(),
+            tls: None,
         },
         instance(Duration::from_secs(1)),
     );
@@ -255,6 +257,7 @@ async fn a_control_plane_that_comes_up_late_still_gets_the_registration() {
     let reg = Registration::spawn(
         Backend::ControlPlane {
             endpoint: format!("http://{addr}"),
+            tls: None,
         },
         instance(Duration::from_secs(3)),
     );
@@ -292,6 +295,7 @@ async fn a_killed_sidecar_expires_after_its_ttl() {
     let reg = Registration::spawn(
         Backend::ControlPlane {
             endpoint: cp.endpoint(),
+            tls: None,
         },
         instance(Duration::from_secs(1)),
     );
@@ -322,6 +326,7 @@ async fn deregister_before_registration_is_a_no_op() {
     let reg = Registration::spawn(
         Backend::ControlPlane {
             endpoint: cp.endpoint(),
+            tls: None,
         },
         instance(Duration::from_secs(5)),
     );

@@ -43,6 +43,8 @@ pub(crate) enum StreamError {
         #[source]
         source: tonic::transport::Error,
     },
+    #[error("TLS files for the control plane: {0}")]
+    Tls(#[from] weft_identity::TlsError),
     #[error("connecting to the control plane at {endpoint} timed out after {timeout:?}")]
     ConnectTimeout { endpoint: String, timeout: Duration },
     #[error("the control plane refused the ADS stream: {0}")]
@@ -457,6 +459,15 @@ impl Core {
             .http2_keep_alive_interval(Duration::from_secs(30))
             .keep_alive_timeout(Duration::from_secs(10))
             .keep_alive_while_idle(true);
+        let ep = match &self.opts.tls {
+            Some(files) => ep
+                .tls_config(weft_identity::tls::tonic_client_tls(files)?)
+                .map_err(|source| StreamError::Endpoint {
+                    endpoint: endpoint.clone(),
+                    source,
+                })?,
+            None => ep,
+        };
         // The endpoint's timeout covers TCP only; a port that accepts but never speaks HTTP/2
         // (a control plane still starting) would otherwise hang here.
         let timeout = self.opts.connect_timeout.max(Duration::from_millis(1)) * 2;

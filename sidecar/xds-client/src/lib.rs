@@ -71,6 +71,9 @@ pub struct Options {
     pub backoff_initial: Duration,
     pub backoff_max: Duration,
     pub connect_timeout: Duration,
+    /// mTLS to the control plane (`endpoint` is then `https://`). The files are read again on
+    /// every reconnect, so a renewed client certificate is presented from the next stream on.
+    pub tls: Option<weft_identity::ClientTlsFiles>,
 }
 
 impl std::fmt::Debug for Options {

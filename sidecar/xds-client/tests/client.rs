@@ -165,6 +165,7 @@ fn options(addr: SocketAddr, variant: Variant, validator: Validator) -> Options 
         backoff_initial: Duration::from_millis(20),
         backoff_max: Duration::from_millis(300),
         connect_timeout: Duration::from_secs(1),
+        tls: None,
     }
 }
 
