@@ -1,5 +1,3 @@
-use std::path::PathBuf;
-
 /// Why the webhook could not answer at all. Problems with the pod itself are not errors: they
 /// become warnings in an `allowed: true` response (see [`crate::review`]).
 #[derive(Debug, thiserror::Error)]
@@ -13,13 +11,7 @@ pub enum InjectError {
     UnsupportedVersion(String),
     #[error("encoding the AdmissionReview response: {0}")]
     Encode(serde_json::Error),
-    #[error("reading {path}: {source}")]
-    Read {
-        path: PathBuf,
-        source: std::io::Error,
-    },
-    #[error("{path}: {message}")]
-    Pem { path: PathBuf, message: String },
-    #[error("TLS certificate and key: {0}")]
-    Tls(#[from] tokio_rustls::rustls::Error),
+    /// The webhook's certificate or key could not be read, parsed, or do not match.
+    #[error(transparent)]
+    Tls(#[from] weft_identity::TlsError),
 }

@@ -9,6 +9,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::time::Duration;
 
 use serde_json::Value;
+use weft_identity::TlsError;
 use weft_injector::{InjectError, InjectorConfig, serve, tls_config, tls_config_with_reload};
 
 /// A directory of its own per test, removed on drop.
@@ -235,7 +236,7 @@ fn bad_certificate_files_are_errors() {
     let missing = dir.path("missing.pem");
     assert!(matches!(
         tls_config(&missing, &missing),
-        Err(InjectError::Read { .. })
+        Err(InjectError::Tls(TlsError::Read { .. }))
     ));
 
     let garbage = dir.path("garbage.pem");
@@ -243,11 +244,14 @@ fn bad_certificate_files_are_errors() {
     let pair = self_signed();
     let (cert, key) = write_pair(&dir, &pair);
     let err = tls_config(&garbage, &key).unwrap_err();
-    assert!(matches!(err, InjectError::Pem { .. }), "{err}");
+    assert!(
+        matches!(err, InjectError::Tls(TlsError::Pem { .. })),
+        "{err}"
+    );
     assert!(err.to_string().contains("garbage.pem"), "{err}");
     assert!(matches!(
         tls_config(&cert, &garbage),
-        Err(InjectError::Pem { .. })
+        Err(InjectError::Tls(TlsError::Pem { .. }))
     ));
 
     let other = self_signed();
@@ -255,7 +259,7 @@ fn bad_certificate_files_are_errors() {
     std::fs::write(&other_key, &other.1).unwrap();
     assert!(matches!(
         tls_config(&cert, &other_key),
-        Err(InjectError::Tls(_))
+        Err(InjectError::Tls(TlsError::Rustls(_)))
     ));
     assert!(tls_config(Path::new(&cert), Path::new(&key)).is_ok());
 }
