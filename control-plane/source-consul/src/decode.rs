@@ -198,6 +198,44 @@ pub(crate) fn decode_pair(
         .map_err(|r| (r, Some(shape.object_key())))
 }
 
+/// One decoded entry of a body: the value, or the key it is reported under and why it was
+/// refused.
+#[doc(hidden)]
+pub type Entry<T> = Result<T, (String, String)>;
+
+/// A `/v1/health/service/<name>` body as the source decodes it: each entry's instance, or its
+/// error key (`health/<service>/<instance id>`) and why it was refused. Public so the fuzz
+/// targets (tests/fuzz) reach it without a Consul.
+#[doc(hidden)]
+pub fn decode_health_body(
+    service: &str,
+    body: &[u8],
+    warning_as: WarningAs,
+) -> Result<Vec<Entry<Object>>, serde_json::Error> {
+    let entries: Vec<HealthEntry> = serde_json::from_slice(body)?;
+    Ok(entries
+        .iter()
+        .map(|e| {
+            instance(service, e, warning_as)
+                .map_err(|reason| (format!("health/{service}/{}", e.instance_id()), reason))
+        })
+        .collect())
+}
+
+/// A `/v1/kv/<prefix>?recurse` body as the source decodes it: per pair the object (`None` for
+/// a folder key), or the pair's key and why it was refused.
+#[doc(hidden)]
+pub fn decode_kv_body(
+    prefix: &str,
+    body: &[u8],
+) -> Result<Vec<Entry<Option<Object>>>, serde_json::Error> {
+    let pairs: Vec<KvPair> = serde_json::from_slice(body)?;
+    Ok(pairs
+        .iter()
+        .map(|p| decode_pair(prefix, p).map_err(|(reason, _)| (p.key.clone(), reason)))
+        .collect())
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(clippy::unwrap_used, clippy::expect_used)]
@@ -280,6 +318,22 @@ mod tests {
                 .contains("port")
         );
         assert_eq!(e.protocol(), Some(Protocol::Http));
+    }
+
+    #[test]
+    fn bodies_decode_per_entry() {
+        let body = br#"[{"Node":{"Node":"n1","Address":"10.0.0.9"},"Service":{"ID":"a","Port":80}},
+                        {"Node":{"Node":"n1","Address":"10.0.0.9"},"Service":{"ID":"b","Port":0}}]"#;
+        let entries = decode_health_body("web", body, WarningAs::Healthy).unwrap();
+        assert!(matches!(&entries[0], Ok(Object::Instance { id, .. }) if id == "n1/a"));
+        assert!(
+            matches!(&entries[1], Err((key, why)) if key == "health/web/n1/b" && why.contains("port"))
+        );
+        assert!(decode_health_body("web", b"{", WarningAs::Healthy).is_err());
+        let kv = br#"[{"Key":"weft/routes/","Value":null},{"Key":"weft/x","Value":"e30="}]"#;
+        let pairs = decode_kv_body("weft", kv).unwrap();
+        assert_eq!(pairs[0], Ok(None));
+        assert!(matches!(&pairs[1], Err((key, _)) if key == "weft/x"));
     }
 
     #[test]

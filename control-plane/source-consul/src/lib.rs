@@ -44,6 +44,8 @@ use weft_registry::schema;
 use weft_registry::{Mirror, Object, ObjectKey, Protocol, SourceHandle};
 
 pub use decode::WarningAs;
+#[doc(hidden)]
+pub use decode::{Entry, decode_health_body, decode_kv_body};
 
 use crate::decode::{HealthEntry, KvPair};
 use crate::watch::{Ctx, Kind, Msg};

@@ -680,6 +680,25 @@ fn decode_key(prefix: &str, key: &[u8]) -> Result<KeyShape, String> {
     kv::decode_key(prefix, key, kv::Instances::Held)
 }
 
+/// One key-value pair as a relist or watch event decodes it: the object, or the key as text,
+/// why it was refused and what the key names when its shape is valid. Public so the fuzz
+/// targets (tests/fuzz) reach it without an etcd.
+#[doc(hidden)]
+pub fn decode_pair(
+    prefix: &str,
+    key: &[u8],
+    value: &[u8],
+) -> Result<Object, (String, String, Option<ObjectKey>)> {
+    match decode(prefix, key, value) {
+        Decoded::Object(obj) => Ok(*obj),
+        Decoded::Invalid {
+            key,
+            reason,
+            object,
+        } => Err((key, reason, object)),
+    }
+}
+
 fn decode(prefix: &str, key: &[u8], value: &[u8]) -> Decoded {
     let key_text = key_string(key);
     let shape = match decode_key(prefix, key) {
@@ -787,5 +806,16 @@ mod tests {
             decode("/weft", b"/weft/services/echo/static-1", ep),
             Decoded::Object(o) if matches!(*o, Object::Instance { .. })
         ));
+    }
+
+    #[test]
+    fn decode_pair_names_the_key_and_what_it_would_name() {
+        let (key, reason, object) = decode_pair("/weft", b"/weft/routes/r1", b"{nope").unwrap_err();
+        assert_eq!(key, "/weft/routes/r1");
+        assert!(!reason.is_empty());
+        assert_eq!(object, Some(ObjectKey::Route("r1".into())));
+        let (_, _, object) = decode_pair("/weft", b"/weft/other", b"{}").unwrap_err();
+        assert_eq!(object, None);
+        assert!(decode_pair("/weft", b"/weft/service-config/echo", b"{}").is_ok());
     }
 }

@@ -286,6 +286,13 @@ fn content_hash(reads: &Reads) -> u64 {
     h.digest()
 }
 
+/// What a load does once the files are read: every file's schema, then conflicts between
+/// files. Public so the fuzz targets (tests/fuzz) reach it without touching a file system.
+#[doc(hidden)]
+pub fn parse_files(files: Vec<(PathBuf, String)>) -> Result<Vec<Object>, FileSourceError> {
+    parse_all(files.into_iter().map(|(p, text)| (p, Ok(text))).collect())
+}
+
 /// Validates every file and the set as a whole; returns the objects of all of them.
 fn parse_all(reads: Reads) -> Result<Vec<Object>, FileSourceError> {
     let mut docs = Vec::with_capacity(reads.len());
@@ -402,6 +409,19 @@ fn emit(source: &SourceHandle, objects: Vec<Object>) {
 mod tests {
     use super::*;
     use weft_registry::Hub;
+
+    #[test]
+    fn parse_files_is_a_load_without_reading() {
+        let one = "services:\n  - name: web\n    endpoints: [{address: 10.0.0.1, port: 80}]\n";
+        let objects = parse_files(vec![(PathBuf::from("a.yaml"), one.to_string())]).unwrap();
+        assert_eq!(objects.len(), 2, "{objects:?}");
+        let err = parse_files(vec![
+            (PathBuf::from("a.yaml"), one.to_string()),
+            (PathBuf::from("b.yaml"), one.to_string()),
+        ])
+        .unwrap_err();
+        assert!(matches!(err, FileSourceError::Conflict { .. }), "{err}");
+    }
 
     fn reads(path: &Path, text: &str) -> Reads {
         vec![(path.to_path_buf(), Ok(text.to_string()))]
