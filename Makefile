@@ -5,6 +5,8 @@
 #   make crds   regenerate charts/weft/crds from the Rust types (control-plane/crds)
 #   make chart  helm lint/template + kubernetes-validate of charts/weft (part of make test)
 #   make bench  release build, then every benchmark (results in target/bench; see BENCHMARKS.md)
+#   make test-faults  the fault-injection suite (docs/faults.md); not part of make test
+#   make fuzz   cargo-fuzz, every target FUZZ_SECONDS (docs/fuzzing.md); make fuzz-smoke: CI's short run
 #   make deny   cargo deny: bans, licences, sources fail; advisories are reported only
 
 SHELL := /bin/bash
@@ -14,7 +16,7 @@ VENV := .venv
 NODE_DIR := tests/clients/node
 PY_REQS := tests/clients/python/requirements.txt
 
-.PHONY: run test lint deps build crds chart bench deny
+.PHONY: run test lint deps build crds chart bench test-faults deny fuzz fuzz-smoke
 
 run:
 	$(CARGO) build -p weft-control-plane -p weft-demo-backend
@@ -65,6 +67,18 @@ test: deps build chart
 	  $(CARGO) test --workspace --no-fail-fast; \
 	fi
 
+# The fault-injection suite (docs/faults.md): slow and load-heavy, so `#[ignore]`d in `make
+# test`; one test at a time so a 1,000-client storm never skews another test's calm run.
+# 1,000 clients plus their server-side sockets need more than the usual 1,024 open files.
+test-faults:
+	$(CARGO) build -p weft-control-plane -p weft-sidecar -p weft-demo-backend
+	ulimit -n 20000 2>/dev/null || ulimit -n $$(ulimit -Hn); \
+	if $(CARGO) nextest --version >/dev/null 2>&1; then \
+	  $(CARGO) nextest run -p weft-tests --test faults --run-ignored only --test-threads 1 --no-capture --retries 1; \
+	else \
+	  $(CARGO) test -p weft-tests --test faults -- --ignored --test-threads 1 --nocapture; \
+	fi
+
 # Not part of `make test` or CI: benchmarks measure, they do not pass or fail.
 bench: deps
 	$(CARGO) build --release --workspace --bins
@@ -79,3 +93,13 @@ deny:
 lint:
 	$(CARGO) fmt --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
+
+# Every cargo-fuzz target for FUZZ_SECONDS each, on a copy of tests/fuzz/corpus (docs/fuzzing.md).
+FUZZ_SECONDS ?= 20
+fuzz:
+	bash tests/fuzz/run.sh $(FUZZ_SECONDS)
+
+# CI's fuzz step: every target replays its seeds and mutates them briefly, uninstrumented, built
+# beside `make test`'s dependencies (tests/fuzz/smoke.sh says why not cargo-fuzz).
+fuzz-smoke:
+	bash tests/fuzz/smoke.sh $(FUZZ_SECONDS)

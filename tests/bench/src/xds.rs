@@ -368,7 +368,8 @@ fn envoy_node(id: &str) -> Node {
     }
 }
 
-async fn connect(target: SocketAddr) -> Result<Channel> {
+/// One HTTP/2 connection to `target` from the next unused 127.x source address.
+pub async fn connect(target: SocketAddr) -> Result<Channel> {
     let source = next_source();
     Endpoint::from_shared(format!("http://{target}"))?
         .connect_with_connector(BindConnector { source, target })
@@ -470,7 +471,7 @@ const ADS: &str = "/envoy.service.discovery.v3.AggregatedDiscoveryService/";
 
 /// Opens an ADS stream (`method` is `StreamAggregatedResources` or
 /// `DeltaAggregatedResources`) whose responses decode as `Resp`.
-async fn ads_stream<Req, Resp>(
+pub async fn ads_stream<Req, Resp>(
     ch: Channel,
     method: &'static str,
     rx: mpsc::Receiver<Req>,
