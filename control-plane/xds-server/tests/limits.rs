@@ -4,116 +4,19 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
-use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
-    DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
+    DeltaDiscoveryRequest, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::protobuf::{Struct, Value, value::Kind};
-use prometheus_client::registry::Registry;
 use prost::Message;
-use tokio::sync::{mpsc, watch};
-use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-use tonic::transport::Channel;
-use weft_xds_cache::{Cache, TypeUpdate};
-use weft_xds_server::{CLUSTER, ENDPOINT, LISTENER, ROUTE, XdsLimits, XdsServer};
+use weft_xds_server::{CLUSTER, ENDPOINT, XdsLimits};
 
-struct Harness {
-    cache: Arc<Cache>,
-    addr: std::net::SocketAddr,
-    registry: Arc<Mutex<Registry>>,
-    _drain: watch::Sender<bool>,
-}
-
-async fn start(limits: XdsLimits) -> Harness {
-    let cache = Cache::new(&["envoy"], &[CLUSTER, ENDPOINT, LISTENER, ROUTE]);
-    let (drain, drain_rx) = watch::channel(false);
-    let server = XdsServer::new(
-        Arc::clone(&cache),
-        |_: Option<&Node>| "envoy".into(),
-        drain_rx,
-    )
-    .with_limits(limits.clone());
-    let mut registry = Registry::default();
-    server.register_metrics(&mut registry);
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let routes = server.routes();
-    tokio::spawn(async move {
-        limits
-            .configure(tonic::transport::Server::builder())
-            .add_routes(routes)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    Harness {
-        cache,
-        addr,
-        registry: Arc::new(Mutex::new(registry)),
-        _drain: drain,
-    }
-}
-
-impl Harness {
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    /// Sets clusters, each carrying `tag` (in `alt_stat_name`) padded to `pad` bytes, so a test
-    /// can tell versions apart and make responses as large as it needs.
-    fn set_clusters(&self, names: &[&str], tag: &str, pad: usize) {
-        let c = names.iter().map(|n| {
-            let mut alt = format!("{tag}:");
-            alt.extend(std::iter::repeat_n('x', pad));
-            (
-                n.to_string(),
-                Cluster {
-                    name: n.to_string(),
-                    alt_stat_name: alt,
-                    ..Default::default()
-                },
-            )
-        });
-        self.cache.apply(
-            "envoy",
-            vec![TypeUpdate::replace(CLUSTER, c)],
-            Instant::now(),
-        );
-    }
-
-    /// The value of one sample in the Prometheus text exposition, 0 if absent.
-    fn metric(&self, sample: &str) -> f64 {
-        let mut text = String::new();
-        prometheus_client::encoding::text::encode(&mut text, &self.registry.lock().unwrap())
-            .unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    fn streams(&self) -> f64 {
-        self.metric(r#"weft_xds_streams{variant="sotw",service="ads"}"#)
-            + self.metric(r#"weft_xds_streams{variant="delta",service="ads"}"#)
-    }
-}
-
-fn node(id: &str) -> Node {
-    Node {
-        id: id.into(),
-        user_agent_name: "envoy".into(),
-        ..Default::default()
-    }
-}
+mod common;
+use common::{Delta, Sotw, node, start_with as start, wait_until};
 
 fn tag_of(c: &Cluster) -> String {
     c.alt_stat_name.split(':').next().unwrap().to_string()
@@ -124,107 +27,6 @@ fn sotw_tags(r: &DiscoveryResponse) -> Vec<String> {
         .iter()
         .map(|a| tag_of(&Cluster::decode(a.value.as_slice()).unwrap()))
         .collect()
-}
-
-async fn wait_until(what: &str, f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < deadline, "{what}: not within 10s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-struct Sotw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: Streaming<DiscoveryResponse>,
-}
-
-impl Sotw {
-    async fn open_on(ch: Channel) -> Result<Sotw, tonic::Status> {
-        let (tx, rx) = mpsc::channel(64);
-        let mut client = AggregatedDiscoveryServiceClient::new(ch);
-        let rx = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await?
-            .into_inner();
-        Ok(Sotw { tx, rx })
-    }
-
-    async fn open(h: &Harness) -> Sotw {
-        Self::open_on(h.channel().await).await.unwrap()
-    }
-
-    async fn send(&self, req: DiscoveryRequest) {
-        self.tx.send(req).await.unwrap();
-    }
-
-    async fn subscribe(&self, id: &str, names: &[&str]) {
-        self.send(DiscoveryRequest {
-            node: Some(node(id)),
-            type_url: CLUSTER.into(),
-            resource_names: names.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await;
-    }
-
-    async fn next(&mut self) -> Result<Option<DiscoveryResponse>, tonic::Status> {
-        tokio::time::timeout(Duration::from_secs(10), self.rx.message())
-            .await
-            .expect("a response or an end within 10s")
-    }
-
-    async fn recv(&mut self) -> DiscoveryResponse {
-        self.next().await.expect("stream ok").expect("stream open")
-    }
-
-    async fn error(&mut self) -> tonic::Status {
-        self.next()
-            .await
-            .expect_err("the stream ends with an error")
-    }
-
-    async fn ack(&self, r: &DiscoveryResponse) {
-        self.send(DiscoveryRequest {
-            version_info: r.version_info.clone(),
-            response_nonce: r.nonce.clone(),
-            type_url: r.type_url.clone(),
-            ..Default::default()
-        })
-        .await;
-    }
-}
-
-struct Delta {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: Streaming<DeltaDiscoveryResponse>,
-}
-
-impl Delta {
-    async fn open(h: &Harness) -> Delta {
-        let (tx, rx) = mpsc::channel(1024);
-        let mut client = AggregatedDiscoveryServiceClient::new(h.channel().await);
-        let rx = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Delta { tx, rx }
-    }
-
-    async fn send(&self, req: DeltaDiscoveryRequest) {
-        self.tx.send(req).await.unwrap();
-    }
-
-    async fn next(
-        &mut self,
-        wait: Duration,
-    ) -> Option<Result<DeltaDiscoveryResponse, tonic::Status>> {
-        match tokio::time::timeout(wait, self.rx.message()).await {
-            Err(_) => None,
-            Ok(r) => r.transpose(),
-        }
-    }
 }
 
 // === Request size ===
@@ -256,7 +58,7 @@ async fn request_over_the_default_4mib_ends_the_stream_with_resource_exhausted()
     );
     // Another stream is unaffected.
     let mut ok = Sotw::open(&h).await;
-    ok.subscribe("ok", &[]).await;
+    ok.subscribe("ok", CLUSTER, &[]).await;
     assert_eq!(sotw_tags(&ok.recv().await), ["v1"]);
 }
 
@@ -271,10 +73,10 @@ async fn streams_over_the_total_are_refused_at_once_with_resource_exhausted() {
     .await;
     h.set_clusters(&["a"], "v1", 0);
     let mut first = Sotw::open(&h).await;
-    first.subscribe("1", &[]).await;
+    first.subscribe("1", CLUSTER, &[]).await;
     first.recv().await;
     let mut second = Sotw::open(&h).await;
-    second.subscribe("2", &[]).await;
+    second.subscribe("2", CLUSTER, &[]).await;
     second.recv().await;
 
     // Refused at once: in the response headers, before any request is read.
@@ -299,7 +101,7 @@ async fn streams_over_the_total_are_refused_at_once_with_resource_exhausted() {
     drop(first);
     wait_until("the first stream is gone", || h.streams() == 1.0).await;
     let mut again = Sotw::open(&h).await;
-    again.subscribe("3", &[]).await;
+    again.subscribe("3", CLUSTER, &[]).await;
     assert_eq!(sotw_tags(&again.recv().await), ["v1"]);
     drop(second);
 }
@@ -314,17 +116,17 @@ async fn streams_over_the_per_connection_limit_wait_for_a_free_slot() {
     h.set_clusters(&["a"], "v1", 0);
     let ch = h.channel().await;
     let mut first = Sotw::open_on(ch.clone()).await.unwrap();
-    first.subscribe("1", &[]).await;
+    first.subscribe("1", CLUSTER, &[]).await;
     first.recv().await;
     let mut second = Sotw::open_on(ch.clone()).await.unwrap();
-    second.subscribe("2", &[]).await;
+    second.subscribe("2", CLUSTER, &[]).await;
     second.recv().await;
 
     // The third stream on the same connection is held by the client's HTTP/2 layer (the
     // server advertised SETTINGS_MAX_CONCURRENT_STREAMS = 2): it is not opened on the server.
     let third = tokio::spawn(async move {
         let mut s = Sotw::open_on(ch).await.unwrap();
-        s.subscribe("3", &[]).await;
+        s.subscribe("3", CLUSTER, &[]).await;
         sotw_tags(&s.recv().await)
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
@@ -359,9 +161,9 @@ async fn requests_over_the_rate_are_throttled_not_refused() {
     .await;
     h.set_clusters(&["a"], "v1", 0);
     let mut c = Sotw::open(&h).await;
-    c.subscribe("n", &[]).await;
+    c.subscribe("n", CLUSTER, &[]).await;
     let r = c.recv().await;
-    c.ack(&r).await;
+    c.ack(&r, &[]).await;
     // 30 requests at once (stale nonces: the server reads and ignores them), then a real
     // subscription change whose answer tells when the server got to it.
     let started = Instant::now();
@@ -393,7 +195,7 @@ async fn requests_over_the_rate_are_throttled_not_refused() {
         0.0
     );
     // The stream lives on and is served as usual.
-    c.ack(&eds).await;
+    c.ack(&eds, &[]).await;
     h.set_clusters(&["a"], "v2", 0);
     assert_eq!(sotw_tags(&c.recv().await), ["v2"]);
 }
@@ -464,7 +266,8 @@ async fn subscriptions_over_the_limit_end_the_stream_with_resource_exhausted() {
 
     // SotW: one request with 6 names.
     let mut sotw = Sotw::open(&h).await;
-    sotw.subscribe("s", &["a", "b", "c", "d", "e", "f"]).await;
+    sotw.subscribe("s", CLUSTER, &["a", "b", "c", "d", "e", "f"])
+        .await;
     let err = sotw.error().await;
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err:?}");
     assert!(
@@ -517,7 +320,7 @@ async fn client_that_does_not_read_gets_the_latest_version_not_a_backlog() {
     let h = start(XdsLimits::default()).await;
     h.set_clusters(&["a", "b"], "v0", 10_000);
     let mut c = Sotw::open(&h).await;
-    c.subscribe("slow", &[]).await;
+    c.subscribe("slow", CLUSTER, &[]).await;
     wait_until("the first response is sent", || {
         h.metric(&format!(
             "weft_xds_pushes_total{{variant=\"sotw\",type_url=\"{CLUSTER}\"}}"
@@ -536,7 +339,7 @@ async fn client_that_does_not_read_gets_the_latest_version_not_a_backlog() {
     // Reading now: the one stale response, then straight to the latest.
     let stale = c.recv().await;
     assert_eq!(sotw_tags(&stale), ["v0", "v0"]);
-    c.ack(&stale).await;
+    c.ack(&stale, &[]).await;
     let latest = c.recv().await;
     assert_eq!(sotw_tags(&latest), ["v200", "v200"]);
     assert_eq!(h.metric(&pushes), 2.0);
@@ -648,9 +451,9 @@ async fn connections_are_closed_at_max_age_and_clients_reconnect() {
     let ch = h.channel().await;
     let started = Instant::now();
     let mut c = Sotw::open_on(ch.clone()).await.unwrap();
-    c.subscribe("aged", &[]).await;
+    c.subscribe("aged", CLUSTER, &[]).await;
     let r = c.recv().await;
-    c.ack(&r).await;
+    c.ack(&r, &[]).await;
     // The stream never ends on its own: it ends when the connection is closed at
     // age + grace (GOAWAY at 2s, closed at 3s).
     let end = c.next().await;
@@ -662,7 +465,7 @@ async fn connections_are_closed_at_max_age_and_clients_reconnect() {
     );
     // The same channel reconnects (a new connection) and gets config again.
     let mut again = Sotw::open_on(ch).await.unwrap();
-    again.subscribe("aged", &[]).await;
+    again.subscribe("aged", CLUSTER, &[]).await;
     assert_eq!(sotw_tags(&again.recv().await), ["v1"]);
     assert_eq!(
         h.metric(r#"weft_xds_streams_opened_total{variant="sotw",service="ads"}"#),

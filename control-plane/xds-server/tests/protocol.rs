@@ -4,210 +4,23 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)] // test code: a panic is a failure report
 
 use std::collections::HashMap;
-use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use envoy_types::pb::envoy::config::cluster::v3::Cluster;
 use envoy_types::pb::envoy::config::core::v3::Node;
 use envoy_types::pb::envoy::config::endpoint::v3::ClusterLoadAssignment;
 use envoy_types::pb::envoy::service::cluster::v3::cluster_discovery_service_client::ClusterDiscoveryServiceClient;
-use envoy_types::pb::envoy::service::discovery::v3::aggregated_discovery_service_client::AggregatedDiscoveryServiceClient;
 use envoy_types::pb::envoy::service::discovery::v3::{
     DeltaDiscoveryRequest, DeltaDiscoveryResponse, DiscoveryRequest, DiscoveryResponse,
 };
 use envoy_types::pb::google::rpc::Status as RpcStatus;
 use prost::Message;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::Streaming;
-use tonic::transport::Channel;
-use weft_xds_cache::{Cache, TypeUpdate};
-use weft_xds_server::{CLUSTER, ENDPOINT, LISTENER, ROUTE, XdsServer};
+use weft_xds_server::{CLUSTER, ENDPOINT};
 
-const QUIET: Duration = Duration::from_millis(300);
-
-struct Harness {
-    cache: Arc<Cache>,
-    server: XdsServer,
-    addr: std::net::SocketAddr,
-    drain: watch::Sender<bool>,
-}
-
-async fn start() -> Harness {
-    let cache = Cache::new(&["envoy", "grpc"], &[CLUSTER, ENDPOINT, LISTENER, ROUTE]);
-    let (drain, drain_rx) = watch::channel(false);
-    let server = XdsServer::new(
-        Arc::clone(&cache),
-        |node: Option<&Node>| {
-            if node.is_some_and(|n| n.user_agent_name.contains("grpc")) {
-                "grpc".to_string()
-            } else {
-                "envoy".to_string()
-            }
-        },
-        drain_rx,
-    );
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let routes = server.routes();
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_routes(routes)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    Harness {
-        cache,
-        server,
-        addr,
-        drain,
-    }
-}
-
-impl Harness {
-    async fn channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.addr))
-            .unwrap()
-            .connect()
-            .await
-            .unwrap()
-    }
-
-    /// Sets clusters (name, connect-timeout ms) and endpoints (name, port) for `flavor`.
-    fn set(&self, flavor: &str, clusters: &[(&str, u32)], endpoints: &[(&str, u32)]) {
-        let c = clusters.iter().map(|(n, ms)| {
-            (
-                n.to_string(),
-                Cluster {
-                    name: n.to_string(),
-                    connect_timeout: Some(envoy_types::pb::google::protobuf::Duration {
-                        seconds: 0,
-                        nanos: (*ms as i32) * 1_000_000,
-                    }),
-                    ..Default::default()
-                },
-            )
-        });
-        let e = endpoints.iter().map(|(n, port)| {
-            (
-                n.to_string(),
-                ClusterLoadAssignment {
-                    cluster_name: n.to_string(),
-                    policy: Some(envoy_types::pb::envoy::config::endpoint::v3::cluster_load_assignment::Policy {
-                        // Any field that changes the bytes stands in for an endpoint change.
-                        overprovisioning_factor: Some(envoy_types::pb::google::protobuf::UInt32Value {
-                            value: *port,
-                        }),
-                        ..Default::default()
-                    }),
-                    ..Default::default()
-                },
-            )
-        });
-        self.cache.apply(
-            flavor,
-            vec![
-                TypeUpdate::replace(CLUSTER, c),
-                TypeUpdate::replace(ENDPOINT, e),
-            ],
-            Instant::now(),
-        );
-    }
-
-    fn client_types(&self, node: &str) -> serde_json::Value {
-        let c = self
-            .server
-            .clients()
-            .into_iter()
-            .find(|c| c.node_id == node)
-            .expect("client listed");
-        serde_json::to_value(&c.types).unwrap()
-    }
-}
-
-fn node(id: &str) -> Node {
-    Node {
-        id: id.into(),
-        user_agent_name: "envoy".into(),
-        ..Default::default()
-    }
-}
-
-// === SotW client ===
-
-struct Sotw {
-    tx: mpsc::Sender<DiscoveryRequest>,
-    rx: Streaming<DiscoveryResponse>,
-}
-
-impl Sotw {
-    async fn open(h: &Harness) -> Sotw {
-        let (tx, rx) = mpsc::channel(16);
-        let mut client = AggregatedDiscoveryServiceClient::new(h.channel().await);
-        let resp = client
-            .stream_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Sotw { tx, rx: resp }
-    }
-
-    async fn send(&self, req: DiscoveryRequest) {
-        self.tx.send(req).await.unwrap();
-    }
-
-    async fn subscribe(&self, node_id: &str, type_url: &str, names: &[&str]) {
-        self.send(DiscoveryRequest {
-            node: Some(node(node_id)),
-            type_url: type_url.into(),
-            resource_names: names.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await;
-    }
-
-    async fn recv(&mut self) -> DiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
-            .await
-            .expect("a response within 5s")
-            .expect("stream ok")
-            .expect("stream open")
-    }
-
-    async fn quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.rx.message()).await {
-            panic!("expected no response, got {r:?}");
-        }
-    }
-
-    async fn ack(&self, r: &DiscoveryResponse, names: &[&str]) {
-        self.send(DiscoveryRequest {
-            version_info: r.version_info.clone(),
-            response_nonce: r.nonce.clone(),
-            type_url: r.type_url.clone(),
-            resource_names: names.iter().map(|s| s.to_string()).collect(),
-            ..Default::default()
-        })
-        .await;
-    }
-
-    async fn nack(&self, r: &DiscoveryResponse, names: &[&str], msg: &str) {
-        self.send(DiscoveryRequest {
-            version_info: String::new(),
-            response_nonce: r.nonce.clone(),
-            type_url: r.type_url.clone(),
-            resource_names: names.iter().map(|s| s.to_string()).collect(),
-            error_detail: Some(RpcStatus {
-                code: 3,
-                message: msg.into(),
-                details: vec![],
-            }),
-            ..Default::default()
-        })
-        .await;
-    }
-}
+mod common;
+use common::{Delta, Sotw, node, start};
 
 fn names(r: &DiscoveryResponse) -> Vec<String> {
     let mut n: Vec<String> = r
@@ -227,53 +40,6 @@ fn names(r: &DiscoveryResponse) -> Vec<String> {
     n
 }
 
-// === Delta client ===
-
-struct Delta {
-    tx: mpsc::Sender<DeltaDiscoveryRequest>,
-    rx: Streaming<DeltaDiscoveryResponse>,
-}
-
-impl Delta {
-    async fn open(h: &Harness) -> Delta {
-        let (tx, rx) = mpsc::channel(16);
-        let mut client = AggregatedDiscoveryServiceClient::new(h.channel().await);
-        let resp = client
-            .delta_aggregated_resources(ReceiverStream::new(rx))
-            .await
-            .unwrap()
-            .into_inner();
-        Delta { tx, rx: resp }
-    }
-
-    async fn send(&self, req: DeltaDiscoveryRequest) {
-        self.tx.send(req).await.unwrap();
-    }
-
-    async fn recv(&mut self) -> DeltaDiscoveryResponse {
-        tokio::time::timeout(Duration::from_secs(5), self.rx.message())
-            .await
-            .expect("a response within 5s")
-            .expect("stream ok")
-            .expect("stream open")
-    }
-
-    async fn quiet(&mut self) {
-        if let Ok(r) = tokio::time::timeout(QUIET, self.rx.message()).await {
-            panic!("expected no response, got {r:?}");
-        }
-    }
-
-    async fn ack(&self, r: &DeltaDiscoveryResponse) {
-        self.send(DeltaDiscoveryRequest {
-            type_url: r.type_url.clone(),
-            response_nonce: r.nonce.clone(),
-            ..Default::default()
-        })
-        .await;
-    }
-}
-
 fn dnames(r: &DeltaDiscoveryResponse) -> Vec<String> {
     let mut n: Vec<String> = r.resources.iter().map(|x| x.name.clone()).collect();
     n.sort();
@@ -281,11 +47,7 @@ fn dnames(r: &DeltaDiscoveryResponse) -> Vec<String> {
 }
 
 async fn wait_until(f: impl Fn() -> bool) {
-    let deadline = Instant::now() + Duration::from_secs(5);
-    while !f() {
-        assert!(Instant::now() < deadline, "condition not met within 5s");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    common::wait_until("condition", f).await;
 }
 
 fn s(v: &[&str]) -> Vec<String> {
