@@ -70,13 +70,15 @@ test: deps build chart
 # The fault-injection suite (docs/faults.md): slow and load-heavy, so `#[ignore]`d in `make
 # test`; one test at a time so a 1,000-client storm never skews another test's calm run.
 # 1,000 clients plus their server-side sockets need more than the usual 1,024 open files.
-test-faults:
-	$(CARGO) build -p weft-control-plane -p weft-sidecar -p weft-demo-backend
+# Built and run with the whole workspace's features (build, --workspace) so that after
+# `make test` nothing is compiled again: `-p` selections unify features differently and
+# rebuilt ~70 crates.
+test-faults: build
 	ulimit -n 20000 2>/dev/null || ulimit -n $$(ulimit -Hn); \
 	if $(CARGO) nextest --version >/dev/null 2>&1; then \
-	  $(CARGO) nextest run -p weft-tests --test faults --run-ignored only --test-threads 1 --no-capture --retries 1; \
+	  $(CARGO) nextest run --workspace --test faults --run-ignored only --test-threads 1 --no-capture --retries 1; \
 	else \
-	  $(CARGO) test -p weft-tests --test faults -- --ignored --test-threads 1 --nocapture; \
+	  $(CARGO) test --workspace --test faults -- --ignored --test-threads 1 --nocapture; \
 	fi
 
 # Not part of `make test` or CI: benchmarks measure, they do not pass or fail.
