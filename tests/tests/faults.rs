@@ -1277,10 +1277,7 @@ fn etcd_network_partition_and_heal() {
 fn control_plane_restart_with_stale_initial_versions() {
     run("faults_cp_restart", async |ctx| {
         let mut model = Model::new(10, 2);
-        let registry = ctx.path("faults-registry.yaml");
-        let mut src = Source::File(registry.clone());
-        src.write_all(&model).await?;
-        let mut cp = Cp::start(ctx, Some(&registry), &[]).await?;
+        let (registry, mut src, mut cp) = file_cp(ctx, &model).await?;
         let mut swarm = Swarm::new(cp.target(), Vec::new());
         swarm.add(Behaviour::Healthy, 100, Duration::ZERO);
         swarm.wait_view(&model.view(), CONVERGE_WITHIN).await?;
@@ -1336,10 +1333,7 @@ fn sidecar_args(cp: &Cp, app_port: u16) -> Result<SidecarArgs> {
 fn sidecar_sigkill_registration_expires() {
     run("faults_sidecar_kill", async |ctx| {
         let mut model = Model::new(6, 2);
-        let registry = ctx.path("faults-registry.yaml");
-        let mut src = Source::File(registry.clone());
-        src.write_all(&model).await?;
-        let cp = Cp::start(ctx, Some(&registry), &[]).await?;
+        let (_, mut src, cp) = file_cp(ctx, &model).await?;
         let backends = Backends::start(ctx, &[("app-1", BackendKind::Http)]).await?;
         let ttl = Duration::from_secs(2);
         let mut sidecar = Sidecar::start(ctx, sidecar_args(&cp, backends.port("app-1")?)?).await?;
@@ -1421,6 +1415,16 @@ fn sidecar_sigkill_registration_expires() {
 /// growth is their per-stream state, not a queue: well under 64 MiB.
 const NEVER_READ_RSS_GROWTH_KIB: u64 = 64 * 1024;
 
+/// A control plane on a registry file that holds `model`: the file, the source the test
+/// edits, and the control plane.
+async fn file_cp(ctx: &TestCtx, model: &Model) -> Result<(PathBuf, Source, Cp)> {
+    let registry = ctx.path("faults-registry.yaml");
+    let mut src = Source::File(registry.clone());
+    src.write_all(model).await?;
+    let cp = Cp::start(ctx, Some(&registry), &[]).await?;
+    Ok((registry, src, cp))
+}
+
 /// Extra allowance for 1,000 idle streams when the control plane is a debug build: every
 /// stream's task wakes on every snapshot change (xds-server `stream.rs`,
 /// `snapshots.changed()`), which costs a debug build 30-50 ms per change for 1,000 streams
@@ -1438,10 +1442,7 @@ fn a_thousand_clients_that_never_read() {
     run("faults_never_read", async |ctx| {
         weft_bench::xds::check_nofile(2_400)?;
         let mut model = Model::new(20, 10);
-        let registry = ctx.path("faults-registry.yaml");
-        let mut src = Source::File(registry.clone());
-        src.write_all(&model).await?;
-        let cp = Cp::start(ctx, Some(&registry), &[]).await?;
+        let (_, mut src, cp) = file_cp(ctx, &model).await?;
         let names: Vec<String> = model.services.keys().cloned().collect();
         let mut swarm = Swarm::new(cp.target(), names);
         swarm.add(Behaviour::Healthy, 50, Duration::ZERO);
@@ -1506,10 +1507,7 @@ fn a_thousand_clients_that_never_read() {
 fn ten_percent_of_clients_nack_everything() {
     run("faults_nack", async |ctx| {
         let mut model = Model::new(10, 2);
-        let registry = ctx.path("faults-registry.yaml");
-        let mut src = Source::File(registry.clone());
-        src.write_all(&model).await?;
-        let cp = Cp::start(ctx, Some(&registry), &[]).await?;
+        let (_, mut src, cp) = file_cp(ctx, &model).await?;
         let mut swarm = Swarm::new(cp.target(), Vec::new());
         swarm.add(Behaviour::Healthy, 90, Duration::ZERO);
         swarm.wait_view(&model.view(), CONVERGE_WITHIN).await?;
@@ -1583,10 +1581,7 @@ fn a_thousand_clients_reconnect_within_a_second() {
     run("faults_reconnect_storm", async |ctx| {
         weft_bench::xds::check_nofile(2_400)?;
         let mut model = Model::new(10, 2);
-        let registry = ctx.path("faults-registry.yaml");
-        let mut src = Source::File(registry.clone());
-        src.write_all(&model).await?;
-        let cp = Cp::start(ctx, Some(&registry), &[]).await?;
+        let (_, mut src, cp) = file_cp(ctx, &model).await?;
         let mut swarm = Swarm::new(cp.target(), Vec::new());
         swarm.add(Behaviour::Healthy, 1_000, Duration::from_secs(3));
         swarm
