@@ -20,8 +20,22 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-/// Produces one debug document on demand.
-pub type DebugFn = Arc<dyn Fn() -> serde_json::Value + Send + Sync>;
+/// Produces one debug document on demand from the request's query parameters.
+pub type DebugFn = Arc<dyn Fn(&Query) -> Result<serde_json::Value, DebugError> + Send + Sync>;
+
+/// The decoded query string of a request (`?node=envoy~1`), last value of a repeated key.
+pub type Query = BTreeMap<String, String>;
+
+/// Why a debug document could not be produced; answered as plain text with its status.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum DebugError {
+    /// The thing asked for does not exist (404), e.g. no connected proxy has that node id.
+    #[error("{0}")]
+    NotFound(String),
+    /// The query is wrong (400), e.g. a required parameter is missing.
+    #[error("{0}")]
+    BadRequest(String),
+}
 
 /// What the admin server reports. Build it once at startup.
 #[derive(Clone)]
@@ -63,9 +77,19 @@ impl Admin {
 
     /// Serves `f()` as JSON at `/debug/<name>`.
     pub fn debug(
-        mut self,
+        self,
         name: &str,
         f: impl Fn() -> serde_json::Value + Send + Sync + 'static,
+    ) -> Self {
+        self.debug_query(name, move |_| Ok(f()))
+    }
+
+    /// Serves `f(query)` as JSON at `/debug/<name>?<query>`; an error is answered with its
+    /// status (404 or 400) and message.
+    pub fn debug_query(
+        mut self,
+        name: &str,
+        f: impl Fn(&Query) -> Result<serde_json::Value, DebugError> + Send + Sync + 'static,
     ) -> Self {
         self.debug.insert(name.to_string(), Arc::new(f));
         self
@@ -118,7 +142,22 @@ impl Admin {
             }
             path => match path.strip_prefix("/debug/").and_then(|n| self.debug.get(n)) {
                 Some(f) => {
-                    let body = serde_json::to_string_pretty(&f()).unwrap_or_else(|e| {
+                    let query: Query = form_urlencoded::parse(
+                        req.uri().query().unwrap_or_default().as_bytes(),
+                    )
+                    .into_owned()
+                    .collect();
+                    let doc = match f(&query) {
+                        Ok(doc) => doc,
+                        Err(e) => {
+                            let status = match e {
+                                DebugError::NotFound(_) => StatusCode::NOT_FOUND,
+                                DebugError::BadRequest(_) => StatusCode::BAD_REQUEST,
+                            };
+                            return text(status, format!("{e}\n"));
+                        }
+                    };
+                    let body = serde_json::to_string_pretty(&doc).unwrap_or_else(|e| {
                         format!("{{\"error\": \"encoding debug document: {e}\"}}")
                     });
                     let mut r = text(StatusCode::OK, body);
@@ -203,7 +242,11 @@ mod tests {
         c.inc();
         reg.register("weft_test", "a test counter", c);
         let admin = Admin::new(move || r2.load(Ordering::SeqCst), reg)
-            .debug("sources", || serde_json::json!({"sources": ["file"]}));
+            .debug("sources", || serde_json::json!({"sources": ["file"]}))
+            .debug_query("echo", |q| match q.get("name") {
+                Some(n) => Ok(serde_json::json!({ "name": n })),
+                None => Err(DebugError::BadRequest("name= is required".into())),
+            });
         let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
         let addr = l.local_addr().unwrap();
         let (tx, rx) = tokio::sync::oneshot::channel::<()>();
@@ -218,6 +261,10 @@ mod tests {
         let d = get(addr, "/debug/sources").await;
         assert!(d.contains("\"file\""), "{d}");
         assert!(get(addr, "/debug/nope").await.starts_with("HTTP/1.1 404"));
+        let q = get(addr, "/debug/echo?name=envoy%7E1&x=y").await;
+        assert!(q.contains("\"envoy~1\""), "{q}");
+        let q = get(addr, "/debug/echo").await;
+        assert!(q.starts_with("HTTP/1.1 400") && q.contains("name= is required"), "{q}");
         let _ = tx.send(());
         h.await.unwrap();
     }
