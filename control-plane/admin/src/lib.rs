@@ -1,7 +1,11 @@
-//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/debug/*`.
+//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/debug/*`, and a status page at
+//! `/`.
 //!
 //! What it does: serves liveness, readiness, Prometheus text and JSON debug documents over
-//! HTTP/1.1 (hyper 1).
+//! HTTP/1.1 (hyper 1), and one self-contained HTML page (`status.html`: inline CSS and JS, no
+//! external resources, since operators reach the port through port-forwards with no Internet)
+//! that polls those documents every 2 s. The page reads `/debug/sources`, `/debug/endpoints`,
+//! `/debug/clients` and `/debug/nacks` when the binary provides them.
 //!
 //! What it does not do: know what it reports. Readiness and every debug document are closures
 //! the binary hands in, so this crate depends on no other Weft crate and any component can
@@ -19,6 +23,15 @@ use hyper::body::Incoming;
 use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
+
+/// The status page served at `/`.
+const STATUS_PAGE: &str = include_str!("status.html");
+
+/// The page's only script and style are inline and it only fetches from this server; the
+/// policy makes anything else (an injected `<script src>`, a form, a frame) inert.
+const STATUS_PAGE_CSP: &str = "default-src 'none'; script-src 'unsafe-inline'; \
+    style-src 'unsafe-inline'; img-src data:; connect-src 'self'; base-uri 'none'; \
+    form-action 'none'; frame-ancestors 'none'";
 
 /// Produces one debug document on demand from the request's query parameters.
 pub type DebugFn = Arc<dyn Fn(&Query) -> Result<serde_json::Value, DebugError> + Send + Sync>;
@@ -133,8 +146,26 @@ impl Admin {
                     ),
                 }
             }
-            "/" | "/debug" | "/debug/" => {
-                let mut out = String::from("weft admin\n\n/healthz\n/readyz\n/metrics\n");
+            "/" => {
+                let mut r = text(StatusCode::OK, STATUS_PAGE.to_string());
+                let h = r.headers_mut();
+                h.insert(
+                    header::CONTENT_TYPE,
+                    header::HeaderValue::from_static("text/html; charset=utf-8"),
+                );
+                h.insert(
+                    header::CONTENT_SECURITY_POLICY,
+                    header::HeaderValue::from_static(STATUS_PAGE_CSP),
+                );
+                h.insert(
+                    header::X_CONTENT_TYPE_OPTIONS,
+                    header::HeaderValue::from_static("nosniff"),
+                );
+                r
+            }
+            "/debug" | "/debug/" => {
+                let mut out =
+                    String::from("weft admin\n\n/ (status page)\n/healthz\n/readyz\n/metrics\n");
                 for name in self.debug.keys() {
                     out.push_str(&format!("/debug/{name}\n"));
                 }
@@ -142,11 +173,10 @@ impl Admin {
             }
             path => match path.strip_prefix("/debug/").and_then(|n| self.debug.get(n)) {
                 Some(f) => {
-                    let query: Query = form_urlencoded::parse(
-                        req.uri().query().unwrap_or_default().as_bytes(),
-                    )
-                    .into_owned()
-                    .collect();
+                    let query: Query =
+                        form_urlencoded::parse(req.uri().query().unwrap_or_default().as_bytes())
+                            .into_owned()
+                            .collect();
                     let doc = match f(&query) {
                         Ok(doc) => doc,
                         Err(e) => {
@@ -169,7 +199,7 @@ impl Admin {
                 }
                 None => text(
                     StatusCode::NOT_FOUND,
-                    format!("no admin page at {path}; see /\n"),
+                    format!("no admin page at {path}; see /debug\n"),
                 ),
             },
         }
@@ -260,12 +290,68 @@ mod tests {
         assert!(get(addr, "/metrics").await.contains("weft_test_total 1"));
         let d = get(addr, "/debug/sources").await;
         assert!(d.contains("\"file\""), "{d}");
-        assert!(get(addr, "/debug/nope").await.starts_with("HTTP/1.1 404"));
+        let nope = get(addr, "/debug/nope").await;
+        assert!(
+            nope.starts_with("HTTP/1.1 404") && nope.contains("see /debug"),
+            "{nope}"
+        );
+        for index in ["/debug", "/debug/"] {
+            let i = get(addr, index).await;
+            assert!(
+                i.starts_with("HTTP/1.1 200")
+                    && i.contains("/readyz\n/metrics\n/debug/echo\n/debug/sources\n"),
+                "{i}"
+            );
+        }
+        let page = get(addr, "/").await.to_ascii_lowercase();
+        assert!(page.starts_with("http/1.1 200"), "{page}");
+        assert!(page.contains("content-type: text/html; charset=utf-8\r\n"));
+        assert!(page.contains("content-security-policy: default-src 'none';"));
+        assert!(page.contains("<title>weft control plane</title>"));
         let q = get(addr, "/debug/echo?name=envoy%7E1&x=y").await;
         assert!(q.contains("\"envoy~1\""), "{q}");
         let q = get(addr, "/debug/echo").await;
-        assert!(q.starts_with("HTTP/1.1 400") && q.contains("name= is required"), "{q}");
+        assert!(
+            q.starts_with("HTTP/1.1 400") && q.contains("name= is required"),
+            "{q}"
+        );
         let _ = tx.send(());
         h.await.unwrap();
+    }
+
+    /// Operators open the page through port-forwards on machines without Internet access, and
+    /// it shows strings chosen by clients (node ids, NACK messages).
+    #[test]
+    fn status_page_is_self_contained_and_never_parses_data_as_html() {
+        for banned in [
+            "http://",
+            "https://",
+            " src=",
+            "@import",
+            "url(",
+            "innerhtml",
+            "outerhtml",
+            "insertadjacenthtml",
+            "document.write",
+            "eval(",
+        ] {
+            assert!(
+                !STATUS_PAGE.to_ascii_lowercase().contains(banned),
+                "status.html contains `{banned}`"
+            );
+        }
+        // Relative, so the page keeps working under a proxy's path prefix.
+        for page in [
+            "\"readyz\"",
+            "\"debug/sources\"",
+            "\"debug/endpoints\"",
+            "\"debug/clients\"",
+            "\"debug/nacks\"",
+        ] {
+            assert!(
+                STATUS_PAGE.contains(page),
+                "status.html does not fetch {page}"
+            );
+        }
     }
 }
