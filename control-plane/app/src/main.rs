@@ -236,7 +236,8 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     let admin = {
         let hub_ready = Arc::clone(&hub);
         let hub_sources = Arc::clone(&hub);
-        let xds = xds.clone();
+        let hub_endpoints = Arc::clone(&hub);
+        let (xds, xds_nacks, xds_config) = (xds.clone(), xds.clone(), xds.clone());
         let cache = Arc::clone(&cache);
         let embedded = embedded.clone();
         weft_admin::Admin::new(move || hub_ready.is_ready(), metrics)
@@ -248,6 +249,16 @@ async fn run(cfg: Config) -> Result<(), Failure> {
                 "clients",
                 move || serde_json::json!({ "clients": xds.clients() }),
             )
+            .debug(
+                "nacks",
+                move || serde_json::json!({ "nacks": xds_nacks.nacks() }),
+            )
+            .debug_query("endpoints", move |q| {
+                endpoints(&hub_endpoints.current().registry, q.get("service"))
+            })
+            .debug_query("proxy_config", move |q| {
+                proxy_config(&xds_config, q.get("node"))
+            })
             .debug("config_dump", move || config_dump(&cache))
             .debug(
                 "registrations",
@@ -363,6 +374,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     let grpc = xds_limits
         .configure(tonic::transport::Server::builder())
         .add_routes(xds.routes())
+        .add_service(xds.csds())
         .add_service(embedded.service())
         .serve_with_incoming_shutdown(
             weft_identity::incoming::incoming(xds_listener, grpc_tls),
@@ -457,6 +469,88 @@ fn describe(type_url: &str, any: &[u8]) -> String {
         _ => return "unknown type".to_string(),
     };
     text.unwrap_or_else(|e| format!("undecodable: {e}"))
+}
+
+/// `/debug/endpoints`: the merged registry's services and their instances (one with
+/// `?service=`).
+fn endpoints(
+    registry: &weft_registry::Registry,
+    service: Option<&String>,
+) -> Result<serde_json::Value, weft_admin::DebugError> {
+    let services: Vec<&weft_registry::Service> = match service {
+        None => registry.services.values().collect(),
+        Some(name) => vec![registry.services.get(name).ok_or_else(|| {
+            weft_admin::DebugError::NotFound(format!(
+                "no service `{name}` in the registry (see /debug/endpoints for every service)"
+            ))
+        })?],
+    };
+    Ok(serde_json::json!({ "services": services }))
+}
+
+/// `/debug/proxy_config?node=<id>`: what each stream of that node was sent, per resource, with
+/// the current resource decoded where the client holds it.
+fn proxy_config(
+    xds: &XdsServer,
+    node: Option<&String>,
+) -> Result<serde_json::Value, weft_admin::DebugError> {
+    let node = node.ok_or_else(|| {
+        weft_admin::DebugError::BadRequest(
+            "node= is required: /debug/proxy_config?node=<node id> (node ids: /debug/clients)"
+                .to_string(),
+        )
+    })?;
+    let streams = xds.proxy_config(node);
+    if streams.is_empty() {
+        return Err(weft_admin::DebugError::NotFound(format!(
+            "no connected xDS client has node id `{node}` (see /debug/clients)"
+        )));
+    }
+    let streams: Vec<serde_json::Value> = streams
+        .iter()
+        .map(|s| {
+            let types: serde_json::Map<String, serde_json::Value> = s
+                .types
+                .iter()
+                .map(|(t, tr)| {
+                    let resources: Vec<serde_json::Value> = tr
+                        .resources
+                        .iter()
+                        .map(|r| {
+                            serde_json::json!({
+                                "name": r.name,
+                                "version": r.version,
+                                "current_version": r.current_version,
+                                "state": r.state,
+                                "bytes": r.bytes,
+                                "in_flight": r.in_flight,
+                                "resource": r.current.as_ref().map(|c| describe(t, &c.any)),
+                                "rejected": r.rejected,
+                            })
+                        })
+                        .collect();
+                    let v = serde_json::json!({
+                        "state": tr.state,
+                        "current_version": tr.current_version,
+                        "last_acked_version": tr.last_acked_version,
+                        "last_ack_unix_ms": tr.last_ack_unix_ms,
+                        "resources": resources,
+                    });
+                    (t.clone(), v)
+                })
+                .collect();
+            serde_json::json!({
+                "stream_id": s.stream_id,
+                "variant": s.variant,
+                "flavor": s.flavor,
+                "service": s.service,
+                "cluster": s.cluster,
+                "user_agent": s.user_agent,
+                "types": types,
+            })
+        })
+        .collect();
+    Ok(serde_json::json!({ "node_id": node, "streams": streams }))
 }
 
 /// Every resource of every flavour with its version, decoded to JSON where we know the type.

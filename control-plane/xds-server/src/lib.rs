@@ -7,7 +7,10 @@
 //! - [`codec`]: responses written from the cache's pre-encoded bytes (encode once per change,
 //!   not once per stream); `body`: the response side of a stream, which keeps no buffer
 //!   between responses.
-//! - [`XdsServer`]: the tonic services, `/debug/clients` data, metrics, and drain on shutdown.
+//! - [`XdsServer`]: the tonic services, `/debug/clients` data, metrics, and drain on shutdown;
+//!   per client and type its sync state (SYNCED / STALE / NACKED) and the resources it
+//!   rejects, and the recent rejections.
+//! - `csds`: CSDS, the same per-client state as `envoy.service.status.v3`.
 //!
 //! What it does not do: translation or knowing where config came from. It serves whatever is
 //! in the [`weft_xds_cache::Cache`], choosing a flavour per client with the classifier it is
@@ -16,6 +19,7 @@
 pub mod authz;
 mod body;
 pub mod codec;
+mod csds;
 mod limits;
 pub mod metrics;
 mod server;
@@ -23,6 +27,13 @@ pub mod state;
 mod stream;
 
 pub use authz::{Authorizer, spiffe_node_authorizer};
+pub use csds::Csds;
 pub use limits::XdsLimits;
-pub use server::{Ads, Cds, Classifier, ClientStatus, Eds, Kind, Lds, Rds, XdsServer, XdsService};
-pub use state::{CLUSTER, ENDPOINT, LISTENER, ORDER, ROUTE, Variant};
+pub use server::{
+    Ads, Cds, Classifier, ClientStatus, Eds, Kind, Lds, NACK_LOG_LEN, NackEvent, Rds,
+    StreamResources, XdsServer, XdsService,
+};
+pub use state::{
+    CLUSTER, ENDPOINT, LISTENER, ORDER, ROUTE, Rejection, ResourceStatus, SyncState, TypeResources,
+    Variant,
+};

@@ -25,6 +25,13 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// One resource of one type.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResourceLabels {
+    pub type_url: String,
+    pub resource: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct XdsMetrics {
     pub streams: Family<StreamLabels, Gauge>,
@@ -43,6 +50,10 @@ pub struct XdsMetrics {
     /// Responses made and not yet taken by their streams' HTTP/2 writers: up to 8 in a
     /// stream's queue and the one its task waits to put in.
     pub queued_responses: Gauge,
+    /// Connected streams rejecting each resource; a series exists only while one does.
+    pub rejected_resources: Family<ResourceLabels, Gauge>,
+    /// Resources rejected, by variant and type (a NACK blamed on three resources counts 3).
+    pub resource_rejections: Family<TypeLabels, Counter>,
 }
 
 impl Default for XdsMetrics {
@@ -61,6 +72,8 @@ impl Default for XdsMetrics {
             streams_refused: Family::default(),
             requests_throttled: Counter::default(),
             queued_responses: Gauge::default(),
+            rejected_resources: Family::default(),
+            resource_rejections: Family::default(),
         }
     }
 }
@@ -127,6 +140,18 @@ impl XdsMetrics {
             "weft_xds_queued_responses",
             "xDS responses waiting in streams' send queues, with the one a blocked stream holds (at most 9 per stream)",
             self.queued_responses.clone(),
+        );
+        reg.register(
+            "weft_xds_rejected_resources",
+            "Connected xDS clients currently rejecting each resource, by type URL and resource \
+             name (a series exists only while some client rejects the resource)",
+            self.rejected_resources.clone(),
+        );
+        reg.register(
+            "weft_xds_resource_rejections",
+            "Resources rejected by xDS clients, by variant and type URL (one NACK blamed on \
+             three resources counts three)",
+            self.resource_rejections.clone(),
         );
     }
 }

@@ -1,6 +1,6 @@
 //! The gRPC services (ADS and per-type CDS/EDS/LDS/RDS) over one shared [`Inner`].
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::convert::Infallible;
 use std::marker::PhantomData;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
@@ -21,7 +21,8 @@ use weft_xds_cache::Cache;
 
 use crate::metrics::XdsMetrics;
 use crate::state::{
-    CLUSTER, ENDPOINT, LISTENER, NameSets, ROUTE, StreamState, TypeStatus, Variant,
+    CLUSTER, ENDPOINT, LISTENER, NameSets, ROUTE, StreamState, SyncState, TypeResources,
+    TypeStatus, Variant,
 };
 use crate::stream::{Delta, Flow, Sotw, run};
 
@@ -44,6 +45,44 @@ pub(crate) struct Inner {
     /// Streams admitted and not yet ended (including those waiting for their first request),
     /// for [`XdsLimits::max_streams`].
     open_streams: AtomicUsize,
+    /// The latest rejections, newest last, kept after their streams end (an operator asks
+    /// "what was rejected" after the proxy has restarted).
+    nack_log: Mutex<VecDeque<NackEvent>>,
+    /// Connected streams rejecting each (type URL, resource): the truth behind the
+    /// `weft_xds_rejected_resources` gauge, kept here so that a series can be removed at zero
+    /// without racing another stream's increment.
+    rejected_counts: Mutex<HashMap<(String, String), i64>>,
+}
+
+/// How many rejections `/debug/nacks` keeps.
+pub const NACK_LOG_LEN: usize = 100;
+
+/// One rejection as `/debug/nacks` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct NackEvent {
+    pub node_id: String,
+    pub stream_id: u64,
+    pub variant: Variant,
+    pub type_url: String,
+    pub version: String,
+    pub nonce: String,
+    pub message: String,
+    /// The resources it was attributed to.
+    pub resources: Vec<String>,
+    pub at_unix_ms: u64,
+}
+
+/// One stream of a node with every resource it holds, for `/debug/proxy_config` and CSDS.
+#[derive(Debug, Clone, Serialize)]
+pub struct StreamResources {
+    pub stream_id: u64,
+    pub node_id: String,
+    pub cluster: String,
+    pub user_agent: String,
+    pub variant: Variant,
+    pub flavor: String,
+    pub service: &'static str,
+    pub types: BTreeMap<String, TypeResources>,
 }
 
 pub(crate) struct ClientEntry {
@@ -91,6 +130,12 @@ pub(crate) struct ClientGuard {
     id: u64,
 }
 
+impl ClientGuard {
+    pub(crate) fn id(&self) -> u64 {
+        self.id
+    }
+}
+
 impl Drop for ClientGuard {
     fn drop(&mut self) {
         self.inner.clients_lock().remove(&self.id);
@@ -130,6 +175,40 @@ impl Inner {
         Ok(StreamPermit(Arc::clone(self)))
     }
 
+    /// Keeps `event` in the recent-rejections log.
+    pub(crate) fn log_nack(&self, event: NackEvent) {
+        let mut log = self.nack_log.lock().unwrap_or_else(|p| p.into_inner());
+        if log.len() >= NACK_LOG_LEN {
+            log.pop_front();
+        }
+        log.push_back(event);
+    }
+
+    /// Moves the count of streams rejecting (type URL, resource) by `delta`, and the gauge
+    /// with it; a series at zero is removed, so the gauge lists only what is rejected now.
+    pub(crate) fn count_rejection(&self, type_url: &str, resource: &str, delta: i64) {
+        let mut counts = self
+            .rejected_counts
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        let key = (type_url.to_string(), resource.to_string());
+        let labels = crate::metrics::ResourceLabels {
+            type_url: key.0.clone(),
+            resource: key.1.clone(),
+        };
+        let n = counts.entry(key.clone()).or_insert(0);
+        *n += delta;
+        if *n <= 0 {
+            counts.remove(&key);
+            self.metrics.rejected_resources.remove(&labels);
+        } else {
+            self.metrics
+                .rejected_resources
+                .get_or_create(&labels)
+                .set(*n);
+        }
+    }
+
     pub(crate) fn register_client(self: &Arc<Self>, entry: ClientEntry) -> ClientGuard {
         let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
         self.clients_lock().insert(id, entry);
@@ -160,6 +239,8 @@ pub struct ClientStatus {
     pub variant: Variant,
     pub service: &'static str,
     pub connected_unix_ms: u64,
+    /// The worst state of its types.
+    pub state: SyncState,
     pub types: BTreeMap<String, TypeStatus>,
 }
 
@@ -195,6 +276,8 @@ impl XdsServer {
                 authorizer: std::sync::OnceLock::new(),
                 limits: RwLock::new(Arc::new(XdsLimits::default())),
                 open_streams: AtomicUsize::new(0),
+                nack_log: Mutex::new(VecDeque::with_capacity(NACK_LOG_LEN)),
+                rejected_counts: Mutex::new(HashMap::new()),
             }),
         }
     }
@@ -215,27 +298,115 @@ impl XdsServer {
         self
     }
 
+    pub(crate) fn authorizer(&self) -> Option<crate::authz::Authorizer> {
+        self.inner.authorizer.get().cloned()
+    }
+
     pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
         self.inner.metrics.register(reg);
     }
 
-    /// Every connected stream with its per-type protocol state.
+    /// Every connected stream with its per-type protocol state, judged against the cache's
+    /// current state.
     pub fn clients(&self) -> Vec<ClientStatus> {
-        self.inner
-            .clients_lock()
-            .iter()
-            .map(|(id, e)| ClientStatus {
-                stream_id: *id,
-                node_id: e.node_id.clone(),
-                cluster: e.cluster.clone(),
-                user_agent: e.user_agent.clone(),
-                flavor: e.flavor.clone(),
-                variant: e.variant,
-                service: e.service,
-                connected_unix_ms: e.connected_unix_ms,
-                types: e.state.lock().unwrap_or_else(|p| p.into_inner()).status(),
+        let entries = self.entries();
+        entries
+            .into_iter()
+            .map(|(id, e, snap)| {
+                let types = e
+                    .state
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .status(snap.as_deref());
+                ClientStatus {
+                    stream_id: id,
+                    node_id: e.node_id,
+                    cluster: e.cluster,
+                    user_agent: e.user_agent,
+                    flavor: e.flavor,
+                    variant: e.variant,
+                    service: e.service,
+                    connected_unix_ms: e.connected_unix_ms,
+                    state: types.values().map(|t| t.state).max().unwrap_or_default(),
+                    types,
+                }
             })
             .collect()
+    }
+
+    /// Every stream of node `node_id` with every resource it holds; empty when no connected
+    /// stream has that node id.
+    pub fn proxy_config(&self, node_id: &str) -> Vec<StreamResources> {
+        self.entries()
+            .into_iter()
+            .filter(|(_, e, _)| e.node_id == node_id)
+            .map(|(id, e, snap)| Self::stream_resources(id, e, snap.as_deref()))
+            .collect()
+    }
+
+    /// Every stream whose node id `matches`, with every resource it holds (CSDS).
+    pub fn streams_matching(&self, matches: impl Fn(&str) -> bool) -> Vec<StreamResources> {
+        self.entries()
+            .into_iter()
+            .filter(|(_, e, _)| matches(&e.node_id))
+            .map(|(id, e, snap)| Self::stream_resources(id, e, snap.as_deref()))
+            .collect()
+    }
+
+    fn stream_resources(
+        id: u64,
+        e: EntryView,
+        snap: Option<&weft_xds_cache::FlavorSnapshot>,
+    ) -> StreamResources {
+        let types = e
+            .state
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .resources(snap);
+        StreamResources {
+            stream_id: id,
+            node_id: e.node_id,
+            cluster: e.cluster,
+            user_agent: e.user_agent,
+            variant: e.variant,
+            flavor: e.flavor,
+            service: e.service,
+            types,
+        }
+    }
+
+    /// A copy of the client list with each flavour's current snapshot, taken under the list's
+    /// lock only briefly: streams' states are locked one at a time afterwards, so a status
+    /// request never holds up streams registering or ending.
+    fn entries(&self) -> Vec<(u64, EntryView, Option<Arc<weft_xds_cache::FlavorSnapshot>>)> {
+        let views: Vec<(u64, EntryView)> = self
+            .inner
+            .clients_lock()
+            .iter()
+            .map(|(id, e)| (*id, EntryView::of(e)))
+            .collect();
+        let mut snaps: HashMap<String, Option<Arc<weft_xds_cache::FlavorSnapshot>>> =
+            HashMap::new();
+        views
+            .into_iter()
+            .map(|(id, v)| {
+                let snap = snaps
+                    .entry(v.flavor.clone())
+                    .or_insert_with(|| self.inner.cache.snapshot(&v.flavor))
+                    .clone();
+                (id, v, snap)
+            })
+            .collect()
+    }
+
+    /// The latest rejections (at most [`NACK_LOG_LEN`]), newest first.
+    pub fn nacks(&self) -> Vec<NackEvent> {
+        let log = self
+            .inner
+            .nack_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        log.iter().rev().cloned().collect()
     }
 
     pub fn ads(&self) -> XdsService<Ads> {
@@ -268,6 +439,33 @@ impl XdsServer {
             .add_service(self.eds())
             .add_service(self.lds())
             .add_service(self.rds())
+    }
+}
+
+/// A client-list entry copied out of the list's lock.
+struct EntryView {
+    node_id: String,
+    cluster: String,
+    user_agent: String,
+    flavor: String,
+    variant: Variant,
+    service: &'static str,
+    connected_unix_ms: u64,
+    state: Arc<Mutex<StreamState>>,
+}
+
+impl EntryView {
+    fn of(e: &ClientEntry) -> Self {
+        Self {
+            node_id: e.node_id.clone(),
+            cluster: e.cluster.clone(),
+            user_agent: e.user_agent.clone(),
+            flavor: e.flavor.clone(),
+            variant: e.variant,
+            service: e.service,
+            connected_unix_ms: e.connected_unix_ms,
+            state: Arc::clone(&e.state),
+        }
     }
 }
 

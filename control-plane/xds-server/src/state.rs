@@ -80,6 +80,34 @@ pub struct Nack {
     pub nonce: String,
     pub message: String,
     pub at_unix_ms: u64,
+    /// The resources the rejection was attributed to (see [`attribute`]).
+    pub resources: Vec<String>,
+}
+
+/// One resource a client rejects: the version it refused and why. Kept until the client ACKs
+/// a response carrying another version of it, or the resource leaves its subscription.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Rejection {
+    pub name: String,
+    pub version: String,
+    /// The client's `error_detail` message.
+    pub reason: String,
+    pub at_unix_ms: u64,
+}
+
+/// Whether a client holds the current configuration of a type, as `weftctl status` and the
+/// status page show it (the states of `istioctl proxy-status`, plus NACKED).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize)]
+#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
+pub enum SyncState {
+    /// The client ACKed the current configuration.
+    #[default]
+    Synced,
+    /// A response is not yet ACKed, or a change has not been sent yet.
+    Stale,
+    /// The client rejects at least one resource of the type (its last response of the type was
+    /// NACKed, or a rejected resource has not been replaced by an accepted version).
+    Nacked,
 }
 
 /// What `/debug/clients` shows per type.
@@ -95,6 +123,46 @@ pub struct TypeStatus {
     pub last_acked_version: Option<String>,
     pub pending_nonce: Option<String>,
     pub last_nack: Option<Nack>,
+    pub state: SyncState,
+    /// When the type entered `state`: the last ACK (SYNCED), the un-ACKed response's send
+    /// (STALE), the oldest standing rejection (NACKED).
+    pub state_since_unix_ms: u64,
+    /// The cache's version of the type now (the Delta `system_version_info`).
+    pub current_version: Option<String>,
+    pub last_sent_unix_ms: Option<u64>,
+    pub last_ack_unix_ms: Option<u64>,
+    /// Resources the client currently rejects, by name.
+    pub rejected: Vec<Rejection>,
+}
+
+/// One resource of a stream as `/debug/proxy_config` and CSDS show it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ResourceStatus {
+    pub name: String,
+    /// The version the client was sent and holds (`None`: subscribed, never sent, e.g. a name
+    /// that does not exist).
+    pub version: Option<String>,
+    /// The cache's version now (`None`: the resource does not exist).
+    pub current_version: Option<String>,
+    pub state: SyncState,
+    /// The current resource, shared with the cache; `None` unless the client holds exactly it.
+    #[serde(skip)]
+    pub current: Option<Arc<EncodedResource>>,
+    /// Encoded size of what the client holds, when known (it holds the current version).
+    pub bytes: Option<usize>,
+    /// Sent in the response the client has not answered yet.
+    pub in_flight: bool,
+    pub rejected: Option<Rejection>,
+}
+
+/// One type of a stream with its resources, for `/debug/proxy_config` and CSDS.
+#[derive(Debug, Clone, Serialize)]
+pub struct TypeResources {
+    pub state: SyncState,
+    pub current_version: Option<String>,
+    pub last_acked_version: Option<String>,
+    pub last_ack_unix_ms: Option<u64>,
+    pub resources: Vec<ResourceStatus>,
 }
 
 #[derive(Debug, Clone)]
@@ -103,6 +171,66 @@ struct Pending {
     version: String,
     /// Oldest registry change among the resources this response brought the client.
     oldest_change: Option<Instant>,
+    sent_unix_ms: u64,
+    /// What the response was made from, to tell on a NACK which resources it brought the
+    /// client: the snapshot, the scope, and what the client held before. Kept instead of a
+    /// list of the sent resources, which at thousands of streams times thousands of
+    /// resources would cost hundreds of megabytes for the rare NACK; these are shared or were
+    /// held anyway.
+    snapshot: Arc<TypeSnapshot>,
+    wildcard: bool,
+    names: Arc<BTreeSet<String>>,
+    prev_held: Held,
+}
+
+impl Pending {
+    /// The resources this response brought the client (new to it, or at a new version), with
+    /// the version sent, in name order. Only these can be the cause of a NACK: the rest the
+    /// client had already accepted.
+    fn brought(&self) -> Vec<(&str, &str)> {
+        let in_scope = |n: &str| self.wildcard || self.names.contains(n);
+        self.snapshot
+            .resources
+            .values()
+            .filter(|r| in_scope(&r.name))
+            .filter(|r| self.prev_held.get(&r.name) != Some(r.version.as_str()))
+            .map(|r| (r.name.as_str(), r.version.as_str()))
+            .collect()
+    }
+}
+
+/// Which resources a NACK is about. A rejection is of one response, which may carry many
+/// resources; Envoy and gRPC name the bad ones in `error_detail` ("Error adding/updating
+/// cluster(s) web: …", "resource xds:///echo: …"), so the resources the message names win; a
+/// message that names none (Envoy's RDS errors quote the bad value, not the resource) blames
+/// every resource the response brought.
+pub fn attribute<'a>(brought: &[(&'a str, &'a str)], message: &str) -> Vec<(&'a str, &'a str)> {
+    let named: Vec<(&str, &str)> = brought
+        .iter()
+        .copied()
+        .filter(|(name, _)| mentions(message, name))
+        .collect();
+    if named.is_empty() {
+        brought.to_vec()
+    } else {
+        named
+    }
+}
+
+/// `message` contains `name` as a whole token: not inside a longer name (`web` is not named
+/// by `web-canary`).
+fn mentions(message: &str, name: &str) -> bool {
+    if name.is_empty() {
+        return false;
+    }
+    let is_name_char = |c: char| c.is_ascii_alphanumeric() || "_-.:/~".contains(c);
+    message.match_indices(name).any(|(i, _)| {
+        let before = message[..i].chars().next_back();
+        let after = message[i + name.len()..].chars().next();
+        // A trailing '.' or ':' ends a sentence or starts the reason, not the name.
+        let ends = |c: Option<char>| c.is_none_or(|c| !is_name_char(c) || c == '.' || c == ':');
+        before.is_none_or(|c| !is_name_char(c)) && ends(after)
+    })
 }
 
 /// Subscribed-name sets, shared between the streams that subscribe to the same names: every
@@ -160,6 +288,13 @@ impl Held {
         match self {
             Held::All(s) => s.resources.get(name).map(|r| r.version.as_str()),
             Held::Map(m) => m.get(name).map(String::as_str),
+        }
+    }
+
+    fn names(&self) -> Vec<&str> {
+        match self {
+            Held::All(s) => s.resources.keys().map(String::as_str).collect(),
+            Held::Map(m) => m.keys().map(String::as_str).collect(),
         }
     }
 
@@ -323,6 +458,10 @@ struct TypeState {
     /// change to another type then costs this type O(1) instead of a scan of every resource,
     /// which with M streams and R resources was O(M x R) per change.
     evaluated: Option<String>,
+    /// Resources the client rejects, by name (see [`Rejection`]).
+    rejected: BTreeMap<String, Rejection>,
+    /// The last response of the type that the client answered was NACKed.
+    nacked_last: bool,
     status: TypeStatus,
 }
 
@@ -337,18 +476,96 @@ impl TypeState {
 }
 
 impl TypeState {
-    /// Records that a response went out: it is now the one un-ACKed response of the type.
-    fn sent(&mut self, nonce: &str, version: &str, oldest_change: Option<Instant>) {
+    /// Records that a response went out: it is now the one un-ACKed response of the type, and
+    /// the client holds `held` (the in-scope resources of `snapshot`).
+    fn sent(
+        &mut self,
+        nonce: &str,
+        version: &str,
+        oldest_change: Option<Instant>,
+        snapshot: &Arc<TypeSnapshot>,
+        held: Held,
+    ) {
         self.force = false;
+        let now = unix_ms();
         self.pending = Some(Pending {
             nonce: nonce.to_string(),
             version: version.to_string(),
             oldest_change,
+            sent_unix_ms: now,
+            snapshot: Arc::clone(snapshot),
+            wildcard: self.wildcard,
+            names: Arc::clone(&self.names),
+            prev_held: std::mem::replace(&mut self.held, held),
         });
         self.status.pushes += 1;
         self.status.last_sent_version = Some(version.to_string());
         self.status.last_sent_nonce = Some(nonce.to_string());
+        self.status.last_sent_unix_ms = Some(now);
     }
+
+    fn in_scope(&self, name: &str) -> bool {
+        self.wildcard || self.names.contains(name)
+    }
+
+    /// Ends the rejections of resources the client no longer subscribes to.
+    fn prune_out_of_scope(&mut self) -> Vec<String> {
+        if self.rejected.is_empty() {
+            return Vec::new();
+        }
+        let (wildcard, names) = (self.wildcard, Arc::clone(&self.names));
+        let mut gone = Vec::new();
+        self.rejected.retain(|n, _| {
+            let keep = wildcard || names.contains(n);
+            if !keep {
+                gone.push(n.clone());
+            }
+            keep
+        });
+        gone
+    }
+
+    /// Whether the client holds the current state of the type (`snap`): nothing un-ACKed,
+    /// nothing due.
+    fn up_to_date(&self, snap: &TypeSnapshot, type_url: &str) -> bool {
+        if self.pending.is_some() || self.force || !self.resend.is_empty() {
+            return false;
+        }
+        if self.evaluated.as_deref() == Some(snap.version.as_str()) {
+            return true;
+        }
+        let d = diff(self, snap);
+        d.changed.is_empty() && (d.gone.is_empty() || !is_full_state(type_url))
+    }
+
+    fn sync_state(&self, snap: &TypeSnapshot, type_url: &str) -> (SyncState, u64) {
+        if self.nacked_last || !self.rejected.is_empty() {
+            let since = self
+                .rejected
+                .values()
+                .map(|r| r.at_unix_ms)
+                .min()
+                .or(self.status.last_nack.as_ref().map(|n| n.at_unix_ms))
+                .unwrap_or_default();
+            return (SyncState::Nacked, since);
+        }
+        if !self.up_to_date(snap, type_url) {
+            let since = self
+                .pending
+                .as_ref()
+                .map_or_else(unix_ms, |p| p.sent_unix_ms);
+            return (SyncState::Stale, since);
+        }
+        let since = self.status.last_ack_unix_ms.unwrap_or_default();
+        (SyncState::Synced, since)
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(SystemTime::UNIX_EPOCH)
+        .map(|d| d.as_millis() as u64)
+        .unwrap_or(0)
 }
 
 /// What one request meant.
@@ -371,6 +588,10 @@ pub enum RequestKind {
 pub struct RequestOutcome {
     pub type_url: String,
     pub kind: RequestKind,
+    /// Resources the client started rejecting with this request (a NACK).
+    pub rejected: Vec<String>,
+    /// Resources it no longer rejects (an ACK of another version, or out of scope).
+    pub cleared: Vec<String>,
 }
 
 /// The `resources` of a SotW response.
@@ -427,6 +648,8 @@ pub struct StreamState {
     /// Convergence counts only changes made while the stream was open: a new client fetching
     /// config that changed an hour ago is not a one-hour convergence.
     opened_at: Instant,
+    /// See [`StreamState::take_cleared`].
+    cleared: Vec<(String, String)>,
 }
 
 impl StreamState {
@@ -443,6 +666,7 @@ impl StreamState {
             name_sets,
             next_nonce: 0,
             opened_at: Instant::now(),
+            cleared: Vec::new(),
         }
     }
 
@@ -450,17 +674,92 @@ impl StreamState {
         self.variant
     }
 
-    /// Per-type status for `/debug/clients`.
-    pub fn status(&self) -> BTreeMap<String, TypeStatus> {
+    /// Per-type status for `/debug/clients`, judged against the cache's current state `snap`
+    /// of the stream's flavour (`None`: no such flavour, the client holds nothing current).
+    pub fn status(&self, snap: Option<&FlavorSnapshot>) -> BTreeMap<String, TypeStatus> {
+        let empty = TypeSnapshot::default();
         self.types
             .iter()
             .map(|(t, s)| {
+                let tsnap = snap.and_then(|f| f.get(t)).map_or(&empty, |a| &**a);
                 let mut st = s.status.clone();
                 st.wildcard = s.wildcard;
                 st.subscriptions = s.names.iter().cloned().collect();
                 st.pending_nonce = s.pending.as_ref().map(|p| p.nonce.clone());
+                (st.state, st.state_since_unix_ms) = s.sync_state(tsnap, t);
+                st.current_version = Some(tsnap.version.clone());
+                st.rejected = s.rejected.values().cloned().collect();
                 (t.clone(), st)
             })
+            .collect()
+    }
+
+    /// Every resource of every type the client holds, is being sent or subscribed to, against
+    /// the cache's current state `snap`.
+    pub fn resources(&self, snap: Option<&FlavorSnapshot>) -> BTreeMap<String, TypeResources> {
+        let empty = TypeSnapshot::default();
+        self.types
+            .iter()
+            .map(|(t, ts)| {
+                let tsnap = snap.and_then(|f| f.get(t)).map_or(&empty, |a| &**a);
+                let in_flight: HashSet<&str> = ts
+                    .pending
+                    .as_ref()
+                    .map(|p| p.brought().into_iter().map(|(n, _)| n).collect())
+                    .unwrap_or_default();
+                let mut names: BTreeSet<&str> = ts.held.names().into_iter().collect();
+                names.extend(ts.names.iter().map(String::as_str));
+                if ts.wildcard {
+                    names.extend(tsnap.resources.keys().map(String::as_str));
+                }
+                let resources = names
+                    .into_iter()
+                    .map(|name| {
+                        let version = ts.held.get(name).map(str::to_string);
+                        let current = tsnap.resources.get(name).filter(|_| ts.in_scope(name));
+                        let rejected = ts.rejected.get(name).cloned();
+                        let holds_current =
+                            current.is_some_and(|c| Some(c.version.as_str()) == version.as_deref());
+                        let in_flight = in_flight.contains(name);
+                        let state = if rejected.is_some() {
+                            SyncState::Nacked
+                        } else if in_flight
+                            || (!holds_current && (current.is_some() || version.is_some()))
+                        {
+                            SyncState::Stale
+                        } else {
+                            SyncState::Synced
+                        };
+                        ResourceStatus {
+                            name: name.to_string(),
+                            version,
+                            current_version: current.map(|c| c.version.clone()),
+                            state,
+                            bytes: current.filter(|_| holds_current).map(|c| c.any.len()),
+                            current: current.filter(|_| holds_current).cloned(),
+                            in_flight,
+                            rejected,
+                        }
+                    })
+                    .collect();
+                let (state, _) = ts.sync_state(tsnap, t);
+                let typ = TypeResources {
+                    state,
+                    current_version: Some(tsnap.version.clone()),
+                    last_acked_version: ts.status.last_acked_version.clone(),
+                    last_ack_unix_ms: ts.status.last_ack_unix_ms,
+                    resources,
+                };
+                (t.clone(), typ)
+            })
+            .collect()
+    }
+
+    /// Every (type URL, resource name) the client currently rejects.
+    pub fn rejections(&self) -> Vec<(String, String)> {
+        self.types
+            .iter()
+            .flat_map(|(t, ts)| ts.rejected.keys().map(move |n| (t.clone(), n.clone())))
             .collect()
     }
 
@@ -500,7 +799,7 @@ impl StreamState {
         let ts = self.types.entry(type_url.to_string()).or_default();
         ts.evaluated = None;
         let kind = judge(ts, &req.response_nonce, req.error_detail.as_ref(), now);
-        if kind == RequestKind::Stale {
+        if kind.kind == RequestKind::Stale {
             // The client has not seen our latest response yet; its view is out of date.
             return Ok(outcome(type_url, kind));
         }
@@ -530,6 +829,8 @@ impl StreamState {
             ts.force = true;
         }
         ts.started = true;
+        let mut kind = kind;
+        kind.cleared.extend(ts.prune_out_of_scope());
         Ok(outcome(type_url, kind))
     }
 
@@ -591,7 +892,34 @@ impl StreamState {
         if names != *ts.names {
             ts.names = self.name_sets.intern(names);
         }
+        let mut kind = kind;
+        kind.cleared.extend(ts.prune_out_of_scope());
         Ok(outcome(type_url, kind))
+    }
+
+    /// Rejections that ended because their resources stopped existing, found while computing
+    /// responses, as (type URL, name); each is returned once.
+    pub fn take_cleared(&mut self) -> Vec<(String, String)> {
+        std::mem::take(&mut self.cleared)
+    }
+
+    /// A rejection of a resource that no longer exists is over: the client drops it (Delta
+    /// removal, SotW absence) or never uses it again.
+    fn prune_missing(&mut self, type_url: &str, tsnap: &TypeSnapshot) {
+        if let Some(ts) = self.types.get_mut(type_url)
+            && !ts.rejected.is_empty()
+        {
+            let mut gone = Vec::new();
+            ts.rejected.retain(|n, _| {
+                let keep = tsnap.resources.contains_key(n);
+                if !keep {
+                    gone.push(n.clone());
+                }
+                keep
+            });
+            self.cleared
+                .extend(gone.into_iter().map(|n| (type_url.to_string(), n)));
+        }
     }
 
     fn mark_evaluated(&mut self, type_url: &str, snap_version: Option<String>) {
@@ -610,13 +938,14 @@ impl StreamState {
         let mut out = Vec::new();
         let empty = Arc::new(TypeSnapshot::default());
         for type_url in ORDER {
+            let tsnap = snap.get(type_url).unwrap_or(&empty);
+            self.prune_missing(type_url, tsnap);
             let Some(ts) = self.types.get(type_url) else {
                 continue;
             };
             if ts.pending.is_some() {
                 continue;
             }
-            let tsnap = snap.get(type_url).unwrap_or(&empty);
             let snap_version = Some(tsnap.version.clone());
             if ts.unchanged_since_evaluated(snap_version.as_deref()) {
                 continue;
@@ -675,8 +1004,7 @@ impl StreamState {
                 continue;
             };
             ts.evaluated = snap_version;
-            ts.held = held;
-            ts.sent(&nonce, &version, oldest_change);
+            ts.sent(&nonce, &version, oldest_change, tsnap, held);
             out.push(SotwOut {
                 type_url: type_url.to_string(),
                 version_info: version,
@@ -700,13 +1028,14 @@ impl StreamState {
         let mut out = Vec::new();
         let empty = Arc::new(TypeSnapshot::default());
         for type_url in ORDER {
+            let tsnap = snap.get(type_url).unwrap_or(&empty);
+            self.prune_missing(type_url, tsnap);
             let Some(ts) = self.types.get(type_url) else {
                 continue;
             };
             if ts.pending.is_some() {
                 continue;
             }
-            let tsnap = snap.get(type_url).unwrap_or(&empty);
             let snap_version = Some(tsnap.version.clone());
             if ts.unchanged_since_evaluated(snap_version.as_deref()) {
                 continue;
@@ -786,7 +1115,6 @@ impl StreamState {
                 continue;
             };
             ts.evaluated = snap_version;
-            ts.held = held;
             // A subscribed name removed because it stopped existing has been reported too
             // (found by tests/fuzz xds_delta: it was reported again in the next response).
             let reported: Vec<String> = removed
@@ -797,7 +1125,7 @@ impl StreamState {
             ts.absent_reported.extend(absent);
             ts.absent_reported.extend(reported);
             ts.resend.clear();
-            ts.sent(&nonce, &system_version_info, oldest_change);
+            ts.sent(&nonce, &system_version_info, oldest_change, tsnap, held);
             out.push(DeltaOut {
                 type_url: type_url.to_string(),
                 system_version_info,
@@ -819,10 +1147,29 @@ impl StreamState {
     }
 }
 
-fn outcome(type_url: &str, kind: RequestKind) -> RequestOutcome {
+/// A request judged against the type's pending response.
+struct Judged {
+    kind: RequestKind,
+    rejected: Vec<String>,
+    cleared: Vec<String>,
+}
+
+impl From<RequestKind> for Judged {
+    fn from(kind: RequestKind) -> Self {
+        Judged {
+            kind,
+            rejected: Vec::new(),
+            cleared: Vec::new(),
+        }
+    }
+}
+
+fn outcome(type_url: &str, j: Judged) -> RequestOutcome {
     RequestOutcome {
         type_url: type_url.to_string(),
-        kind,
+        kind: j.kind,
+        rejected: j.rejected,
+        cleared: j.cleared,
     }
 }
 
@@ -832,44 +1179,86 @@ fn judge(
     nonce: &str,
     error: Option<&envoy_types::pb::google::rpc::Status>,
     now: Instant,
-) -> RequestKind {
+) -> Judged {
     if nonce.is_empty() {
-        return RequestKind::Subscribe;
+        return RequestKind::Subscribe.into();
     }
     // Stale means "not the latest nonce we sent": the client has not seen our latest
     // response. The latest nonce again, after it was ACKed, is a subscription change
     // (Envoy sends one when it adds a cluster and needs its endpoints).
     if ts.status.last_sent_nonce.as_deref() != Some(nonce) {
-        return RequestKind::Stale;
+        return RequestKind::Stale.into();
     }
-    let Some(pending) = ts.pending.as_ref().filter(|p| p.nonce == nonce) else {
-        return RequestKind::Subscribe;
+    if ts.pending.as_ref().is_none_or(|p| p.nonce != nonce) {
+        return RequestKind::Subscribe.into();
+    }
+    let Some(pending) = ts.pending.take() else {
+        return RequestKind::Subscribe.into();
     };
-    let pending = pending.clone();
-    ts.pending = None;
     match error {
         Some(err) => {
+            let at_unix_ms = unix_ms();
+            let brought = pending.brought();
+            let blamed = attribute(&brought, &err.message);
+            let mut rejected = Vec::new();
+            for (name, version) in &blamed {
+                let r = Rejection {
+                    name: name.to_string(),
+                    version: version.to_string(),
+                    reason: err.message.clone(),
+                    at_unix_ms,
+                };
+                if ts.rejected.insert(name.to_string(), r).is_none() {
+                    rejected.push(name.to_string());
+                }
+            }
             let nack = Nack {
-                version: pending.version,
-                nonce: pending.nonce,
+                version: pending.version.clone(),
+                nonce: pending.nonce.clone(),
                 message: err.message.clone(),
-                at_unix_ms: SystemTime::now()
-                    .duration_since(SystemTime::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as u64)
-                    .unwrap_or(0),
+                at_unix_ms,
+                resources: blamed.iter().map(|(n, _)| n.to_string()).collect(),
             };
+            ts.nacked_last = true;
             ts.status.nacks += 1;
             ts.status.last_nack = Some(nack.clone());
-            RequestKind::Nack(nack)
+            Judged {
+                kind: RequestKind::Nack(nack),
+                rejected,
+                cleared: Vec::new(),
+            }
         }
         None => {
+            ts.nacked_last = false;
             ts.status.acks += 1;
             ts.status.last_acked_version = Some(pending.version.clone());
-            RequestKind::Ack {
-                version: pending.version,
-                convergence: pending
-                    .oldest_change
-                    .map(|t| now.saturating_duration_since(t)),
+            ts.status.last_ack_unix_ms = Some(unix_ms());
+            // A rejection ends when the client accepts another version of the resource, or
+            // when the resource is gone from what it should hold.
+            let mut cleared = Vec::new();
+            let scope = (ts.wildcard, Arc::clone(&ts.names));
+            ts.rejected.retain(|name, r| {
+                let in_scope = scope.0 || scope.1.contains(name);
+                let keep = in_scope
+                    && pending
+                        .snapshot
+                        .resources
+                        .get(name)
+                        .is_some_and(|cur| cur.version == r.version);
+                if !keep {
+                    cleared.push(name.clone());
+                }
+                keep
+            });
+            Judged {
+                kind: RequestKind::Ack {
+                    version: pending.version,
+                    convergence: pending
+                        .oldest_change
+                        .map(|t| now.saturating_duration_since(t)),
+                },
+                rejected: Vec::new(),
+                cleared,
             }
         }
     }
@@ -1187,5 +1576,187 @@ mod tests {
         assert_eq!(out[0].resources.len(), 1);
         assert_eq!(out[0].removed, ["old"]);
         assert!(matches!(&st.types[CLUSTER].held, Held::All(_)));
+    }
+    fn nack(type_url: &str, nonce: &str, message: &str) -> DeltaDiscoveryRequest {
+        let mut r = delta(type_url, &[], nonce);
+        r.error_detail = Some(envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: message.to_string(),
+            details: vec![],
+        });
+        r
+    }
+
+    #[test]
+    fn attribution_prefers_the_resources_the_message_names() {
+        let brought = [("web", "1"), ("web-canary", "2"), ("echo", "3")];
+        // Envoy's CDS/LDS wording, and a name that is a prefix of another.
+        let got = attribute(
+            &brought,
+            "Error adding/updating cluster(s) web: bad lb_policy",
+        );
+        assert_eq!(got, [("web", "1")]);
+        let got = attribute(&brought, "cluster web-canary: bad; echo.");
+        assert_eq!(got, [("web-canary", "2"), ("echo", "3")]);
+        // No name in the message: every resource the response brought.
+        let got = attribute(&brought, "Invalid regex '/x{300}': program size too large");
+        assert_eq!(got.len(), 3);
+        assert!(!mentions("webby", "web") && !mentions("a/web", "web"));
+        assert!(mentions("xds:///echo: bad", "xds:///echo"));
+    }
+
+    #[test]
+    fn a_nack_is_kept_per_resource_until_another_version_is_acked() {
+        let c = cache();
+        let mut st = StreamState::new(Variant::Delta, None, Arc::default());
+        let now = Instant::now();
+        st.on_delta_request(&delta(CLUSTER, &[], ""), now).unwrap();
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        let o = st
+            .on_delta_request(&delta(CLUSTER, &[], &out[0].nonce), now)
+            .unwrap();
+        assert!(o.rejected.is_empty() && o.cleared.is_empty());
+        let status = |st: &StreamState| st.status(c.snapshot("envoy").as_deref())[CLUSTER].clone();
+        assert_eq!(status(&st).state, SyncState::Synced);
+
+        // Two clusters change; the client rejects b by name, a is accepted.
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(
+                CLUSTER,
+                [cluster("a", 5), cluster("b", 5)],
+            )],
+            Instant::now(),
+        );
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        assert_eq!(status(&st).state, SyncState::Stale);
+        let o = st
+            .on_delta_request(
+                &nack(
+                    CLUSTER,
+                    &out[0].nonce,
+                    "Error adding/updating cluster(s) b: no",
+                ),
+                now,
+            )
+            .unwrap();
+        assert_eq!(o.rejected, ["b"]);
+        let RequestKind::Nack(n) = &o.kind else {
+            panic!("{o:?}")
+        };
+        assert_eq!(n.resources, ["b"]);
+        let s = status(&st);
+        assert_eq!(s.state, SyncState::Nacked);
+        assert_eq!(s.rejected.len(), 1);
+        assert_eq!(s.rejected[0].name, "b");
+        assert_eq!(
+            s.rejected[0].reason,
+            "Error adding/updating cluster(s) b: no"
+        );
+        let b_v5 = c
+            .snapshot("envoy")
+            .unwrap()
+            .resource(CLUSTER, "b")
+            .unwrap()
+            .version
+            .clone();
+        assert_eq!(s.rejected[0].version, b_v5);
+        let res = &st.resources(c.snapshot("envoy").as_deref())[CLUSTER];
+        let states: Vec<(&str, SyncState)> = res
+            .resources
+            .iter()
+            .map(|r| (r.name.as_str(), r.state))
+            .collect();
+        assert_eq!(states, [("a", SyncState::Synced), ("b", SyncState::Nacked)]);
+        assert!(res.resources[0].current.is_some() && res.resources[0].bytes.is_some());
+        assert_eq!(st.rejections(), [(CLUSTER.to_string(), "b".to_string())]);
+
+        // Not re-sent, and an ACK of a change to a does not clear b: it still runs its old b.
+        assert!(st.delta_responses(&c.snapshot("envoy").unwrap()).is_empty());
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(CLUSTER, [cluster("a", 6)])],
+            Instant::now(),
+        );
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        let o = st
+            .on_delta_request(&delta(CLUSTER, &[], &out[0].nonce), now)
+            .unwrap();
+        assert!(o.cleared.is_empty(), "{o:?}");
+        assert_eq!(status(&st).state, SyncState::Nacked);
+
+        // A fixed b, ACKed, ends the rejection.
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(CLUSTER, [cluster("b", 7)])],
+            Instant::now(),
+        );
+        let out = st.delta_responses(&c.snapshot("envoy").unwrap());
+        let o = st
+            .on_delta_request(&delta(CLUSTER, &[], &out[0].nonce), now)
+            .unwrap();
+        assert_eq!(o.cleared, ["b"]);
+        let s = status(&st);
+        assert_eq!(s.state, SyncState::Synced);
+        assert!(s.rejected.is_empty() && st.rejections().is_empty());
+        assert!(s.last_nack.is_some(), "the last NACK stays on record");
+    }
+
+    #[test]
+    fn a_sotw_nack_that_names_nothing_blames_what_changed_and_removal_clears_it() {
+        let c = cache();
+        let mut st = StreamState::new(Variant::Sotw, None, Arc::default());
+        let now = Instant::now();
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], ""), now)
+            .unwrap();
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], &out[0].nonce), now)
+            .unwrap();
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(ENDPOINT, [cla("a", 3)])],
+            Instant::now(),
+        );
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        // Both are in a SotW response, but only a is new to the client.
+        assert_eq!(out[0].resources.len(), 2);
+        let mut req = sotw(ENDPOINT, &["a", "b"], &out[0].nonce);
+        req.error_detail = Some(envoy_types::pb::google::rpc::Status {
+            code: 3,
+            message: "malformed".into(),
+            details: vec![],
+        });
+        let o = st.on_sotw_request(&req, now).unwrap();
+        assert_eq!(o.rejected, ["a"]);
+        // The resource goes away: the next ACK clears it.
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::Remove {
+                type_url: ENDPOINT.to_string(),
+                names: vec!["a".into()],
+            }],
+            Instant::now(),
+        );
+        // (SotW EDS sends nothing for a removal; the rejection ends when it is noticed.)
+        assert!(st.sotw_responses(&c.snapshot("envoy").unwrap()).is_empty());
+        assert_eq!(st.take_cleared(), [(ENDPOINT.to_string(), "a".to_string())]);
+        assert!(st.take_cleared().is_empty());
+        let s = st.status(c.snapshot("envoy").as_deref());
+        assert_eq!(
+            s[ENDPOINT].state,
+            SyncState::Nacked,
+            "the NACK is the last answer"
+        );
+        // The next ACK ends the NACKED state.
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::upsert(ENDPOINT, [cla("b", 4)])],
+            Instant::now(),
+        );
+        let out = st.sotw_responses(&c.snapshot("envoy").unwrap());
+        st.on_sotw_request(&sotw(ENDPOINT, &["a", "b"], &out[0].nonce), now)
+            .unwrap();
+        let s = st.status(c.snapshot("envoy").as_deref());
+        assert_eq!(s[ENDPOINT].state, SyncState::Synced);
     }
 }

@@ -167,13 +167,20 @@ pub(crate) async fn run<F: Flow>(
         only_type,
         Arc::clone(&inner.name_sets),
     )));
-    let _entry = inner.register_client(ClientEntry::new(
+    let entry = inner.register_client(ClientEntry::new(
         &node,
         &flavor,
         F::VARIANT,
         service,
         Arc::clone(&state),
     ));
+    let stream_id = entry.id();
+    // A client that goes away no longer rejects anything.
+    let _rejections = scopeguard(|| {
+        for (type_url, name) in lock(&state).rejections() {
+            inner.count_rejection(&type_url, &name, -1);
+        }
+    });
     inner.metrics.streams.get_or_create(&labels).inc();
     inner.metrics.streams_total.get_or_create(&labels).inc();
     let _gauge = scopeguard(|| {
@@ -223,7 +230,7 @@ pub(crate) async fn run<F: Flow>(
                             .inc();
                     }
                     drop(seen);
-                    inner.record(&node.id, F::VARIANT, o);
+                    inner.record(&node.id, stream_id, F::VARIANT, o);
                 }
             }
             let subscriptions = lock(&state).subscription_count();
@@ -242,7 +249,13 @@ pub(crate) async fn run<F: Flow>(
             }
         }
         let snap = Arc::clone(&snapshots.borrow_and_update());
-        let responses = F::respond(&mut lock(&state), &snap);
+        let (responses, cleared) = {
+            let mut st = lock(&state);
+            (F::respond(&mut st, &snap), st.take_cleared())
+        };
+        for (type_url, name) in cleared {
+            inner.count_rejection(&type_url, &name, -1);
+        }
         for (type_url, resp) in responses {
             inner
                 .metrics
@@ -323,11 +336,17 @@ fn malformed(inner: &Inner, status: &Status) -> Status {
 }
 
 impl Inner {
-    fn record(&self, node: &str, variant: Variant, o: RequestOutcome) {
+    fn record(&self, node: &str, stream_id: u64, variant: Variant, o: RequestOutcome) {
         let labels = TypeLabels {
             variant: variant.as_str(),
             type_url: o.type_url.clone(),
         };
+        for name in &o.rejected {
+            self.count_rejection(&o.type_url, name, 1);
+        }
+        for name in &o.cleared {
+            self.count_rejection(&o.type_url, name, -1);
+        }
         match o.kind {
             RequestKind::Ack { convergence, .. } => {
                 self.metrics.acks.get_or_create(&labels).inc();
@@ -337,14 +356,30 @@ impl Inner {
             }
             RequestKind::Nack(nack) => {
                 self.metrics.nacks.get_or_create(&labels).inc();
+                self.metrics
+                    .resource_rejections
+                    .get_or_create(&labels)
+                    .inc_by(nack.resources.len() as u64);
                 tracing::warn!(
                     node,
                     type_url = %o.type_url,
                     version = %nack.version,
+                    resources = ?nack.resources,
                     message = %nack.message,
                     "client rejected configuration (NACK); it keeps its last good config and \
                      this version will not be re-sent"
                 );
+                self.log_nack(crate::server::NackEvent {
+                    node_id: node.to_string(),
+                    stream_id,
+                    variant,
+                    type_url: o.type_url.clone(),
+                    version: nack.version,
+                    nonce: nack.nonce,
+                    message: nack.message,
+                    resources: nack.resources,
+                    at_unix_ms: nack.at_unix_ms,
+                });
             }
             RequestKind::Subscribe | RequestKind::Stale => {}
         }
