@@ -1,6 +1,8 @@
 //! A config Envoy rejects (a route regex over Envoy's RE2 program-size limit, which the
-//! registry schema cannot know about): the control plane records the NACK per client, counts it, does not
-//! resend in a loop, and Envoy keeps serving the last good config.
+//! registry schema cannot know about): the control plane records the NACK per client and per
+//! resource (state NACKED, the rejected RouteConfiguration with Envoy's reason, the recent-NACK
+//! log, the rejection gauge), does not resend in a loop, other resources keep flowing, and
+//! Envoy keeps serving the last good config.
 
 use std::time::Duration;
 
@@ -12,8 +14,12 @@ use weft_tests::*;
 const BIG_REGEX: &str = "/nack-[a-z]{300}";
 
 fn registry(b: &Backends, bad_route: bool) -> Result<String> {
+    registry_with(b, bad_route, &["web-1"])
+}
+
+fn registry_with(b: &Backends, bad_route: bool, web: &[&str]) -> Result<String> {
     let mut y = String::from("services:\n");
-    y.push_str(&b.service_yaml("web", "http", &["web-1"])?);
+    y.push_str(&b.service_yaml("web", "http", web)?);
     if bad_route {
         // Valid syntax (the schema checks it with Rust's `regex`, which accepts it), but its
         // RE2 program is far above Envoy's default limit (`re2.max_program_size.error_level`,
@@ -44,7 +50,7 @@ fn pushes(state: &Value) -> Result<u64> {
 }
 
 async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
-    let b = Backends::start(ctx, &[("web-1", Kind::Http)]).await?;
+    let b = Backends::start(ctx, &[("web-1", Kind::Http), ("web-2", Kind::Http)]).await?;
     let cp = ControlPlane::start(ctx, &registry(&b, false)?).await?;
     let node = format!("envoy-nack-{}", variant.name());
     let envoy = Envoy::start(ctx, &cp, variant, &node).await?;
@@ -88,6 +94,50 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
     .await?;
     eprintln!("NACK recorded: {}", nacked["last_nack"]);
 
+    // Per resource: the RouteConfiguration is the one rejected, with Envoy's reason; the
+    // stream and the type say NACKED.
+    ensure!(nacked["state"] == "NACKED", "RDS state: {nacked}");
+    let rejected = nacked["rejected"]
+        .as_array()
+        .ok_or_else(|| anyhow!("no `rejected` list: {nacked}"))?;
+    ensure!(
+        rejected.len() == 1
+            && rejected[0]["name"] == "weft_http"
+            && rejected[0]["reason"]
+                .as_str()
+                .is_some_and(|r| r.contains("RE2 program size")),
+        "rejected resources: {rejected:?}"
+    );
+    let client = &cp.clients_of(&node).await?[0];
+    ensure!(client["state"] == "NACKED", "client state: {client}");
+    let log: Value = serde_json::from_str(&cp.admin_get("/debug/nacks").await?)?;
+    let entry = &log["nacks"][0];
+    ensure!(
+        entry["node_id"] == node.as_str()
+            && entry["type_url"] == TYPE_ROUTE
+            && entry["resources"] == serde_json::json!(["weft_http"]),
+        "/debug/nacks: {log}"
+    );
+    let gauge = cp
+        .metric_value(
+            "weft_xds_rejected_resources",
+            &[("type_url", TYPE_ROUTE), ("resource", "weft_http")],
+        )
+        .await?;
+    ensure!(
+        gauge == Some(1.0),
+        "weft_xds_rejected_resources = {gauge:?}"
+    );
+    let config: Value = serde_json::from_str(
+        &cp.admin_get(&format!("/debug/proxy_config?node={node}"))
+            .await?,
+    )?;
+    let routes = &config["streams"][0]["types"][TYPE_ROUTE]["resources"][0];
+    ensure!(
+        routes["name"] == "weft_http" && routes["state"] == "NACKED",
+        "/debug/proxy_config RDS: {routes}"
+    );
+
     let nacks = cp
         .metric_value(
             "weft_xds_nacks_total",
@@ -117,6 +167,26 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
         "traffic after the NACK: {t}"
     );
 
+    // Other resources keep flowing: a new endpoint (EDS) reaches Envoy while its routes
+    // stay rejected.
+    cp.write_registry(&registry_with(&b, true, &["web-1", "web-2"])?)?;
+    eventually(
+        "Envoy routes to web-2 while the RouteConfiguration is still rejected",
+        Duration::from_secs(10),
+        async || {
+            let t = envoy.spray("web", "/", 20).await?;
+            ensure!(t.errors == 0 && t.get("web-2") > 0, "{t}");
+            Ok(())
+        },
+    )
+    .await?;
+    let st = route_state(&cp, &node).await?;
+    ensure!(st["state"] == "NACKED", "RDS after the EDS change: {st}");
+    ensure!(
+        pushes(&st)? == p2,
+        "the rejected RouteConfiguration was re-sent after an endpoint change: {st}"
+    );
+
     // And Envoy really rejected it.
     let stats = envoy.stats().await?;
     let rds_rejected: u64 = stats
@@ -129,7 +199,8 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
         "Envoy's RDS update_rejected is 0: it never rejected the config"
     );
 
-    // Fixing the registry clears it: the next version is ACKed.
+    // Fixing the registry clears it: the next version is ACKed, the state is SYNCED, nothing
+    // is rejected any more.
     cp.write_registry(&registry(&b, false)?)?;
     eventually(
         "Envoy ACKs the fixed RouteConfiguration",
@@ -143,6 +214,11 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
                 "sent {sent:?}, acked {acked:?}: {st}"
             );
             ensure!(pushes(&st)? > p2, "no new RDS push after the fix: {st}");
+            ensure!(st["state"] == "SYNCED", "RDS state after the fix: {st}");
+            ensure!(
+                st["rejected"] == serde_json::json!([]),
+                "still rejected: {st}"
+            );
             Ok(())
         },
     )

@@ -60,10 +60,12 @@ pub async fn start_with(limits: XdsLimits) -> Harness {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     let routes = server.routes();
+    let csds = server.csds();
     tokio::spawn(async move {
         limits
             .configure(tonic::transport::Server::builder())
             .add_routes(routes)
+            .add_service(csds)
             .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
             .await
             .unwrap();
