@@ -24,7 +24,9 @@
 #      (restricted Pod Security Standard on every container, probes, ports, least-privilege
 #      RBAC, selectors, webhook settings and its TLS verified with openssl, CRD names, versions
 #      and structural schemas);
-#   5. kubeVersion, NOTES.txt (rendered through a scratch copy of the chart, since only
+#   5. the Grafana dashboard ConfigMap carries charts/weft/dashboards/weft.json unchanged,
+#      labelled for the Grafana sidecar, in the namespace asked for, and not when disabled;
+#   6. kubeVersion, NOTES.txt (rendered through a scratch copy of the chart, since only
 #      `helm install` renders NOTES and that needs a cluster), deterministic rendering, and
 #      that the chart packages.
 set -euo pipefail
@@ -45,6 +47,7 @@ PY=.venv/bin/python
 CHECK=charts/tools/check_manifests.py
 NS=weft-system
 RELEASE=ci
+DASHBOARD=$CHART/dashboards/weft.json
 # Kinds kubernetes-validate has no schema for (custom resources of other projects).
 NO_SCHEMA_KINDS='ServiceMonitor|Certificate|Issuer'
 
@@ -149,13 +152,23 @@ expect_refused "an unknown key in the registry document" --set registryFile.cont
 expect_refused "failurePolicy Maybe" --set injector.failurePolicy=Maybe
 expect_refused "a string replicaCount" --set-string replicaCount=two
 expect_refused "logFormat xml" --set logFormat=xml
+expect_refused "an unknown key under grafana.dashboard" --set grafana.dashboard.notAKey=1
+expect_refused "a dashboard namespace that is not a DNS label" --set grafana.dashboard.namespace=Bad_NS
 
 # ---------------------------------------------------------------------------------------------
-# render NAME KIND_LIST TLS FAILURE_POLICY [helm args...]: render, grep, validate, cross-check.
+# render NAME KIND_LIST TLS FAILURE_POLICY DASHBOARD [helm args...]: render, grep, validate,
+# cross-check. DASHBOARD: `off` (none rendered), `on` (in the release namespace) or the
+# namespace the dashboard ConfigMap must be in.
 BASE_KINDS=CustomResourceDefinition,Deployment,Service,ServiceAccount,ClusterRole,ClusterRoleBinding,Role,RoleBinding,PodDisruptionBudget
 render() {
-  local name=$1 kinds=$2 tls=$3 policy=$4
-  shift 4
+  local name=$1 kinds=$2 tls=$3 policy=$4 dash=$5
+  shift 5
+  local dash_args=()
+  case $dash in
+  off) ;;
+  on) dash_args=(--dashboard "$DASHBOARD") ;;
+  *) dash_args=(--dashboard "$DASHBOARD" --dashboard-namespace "$dash") ;;
+  esac
   local file="$OUT/$name.yaml"
   step "helm template: $name ($*)"
   "$HELM" template "$RELEASE" "$CHART" -n "$NS" --include-crds "$@" >"$file"
@@ -194,18 +207,19 @@ render() {
 
   echo "cross-checks (charts/tools/check_manifests.py):"
   "$PY" "$CHECK" "$file" --release "$RELEASE" --namespace "$NS" --expect-kinds "$kinds" \
-    --tls "$tls" --failure-policy "$policy" --crds
+    --tls "$tls" --failure-policy "$policy" --crds ${dash_args[@]+"${dash_args[@]}"}
 }
 
-render defaults "$BASE_KINDS,Secret,MutatingWebhookConfiguration" helm Ignore \
+render defaults "$BASE_KINDS,Secret,MutatingWebhookConfiguration,ConfigMap" helm Ignore on \
   -f "$CHART/ci/defaults-values.yaml"
 render all-features "$BASE_KINDS,MutatingWebhookConfiguration,ConfigMap,HorizontalPodAutoscaler,ServiceMonitor,NetworkPolicy,Certificate,Issuer" \
-  cert-manager Fail -f "$CHART/ci/all-features-values.yaml"
+  cert-manager Fail monitoring -f "$CHART/ci/all-features-values.yaml"
 render helm-tls "$BASE_KINDS,Secret,MutatingWebhookConfiguration,ConfigMap,HorizontalPodAutoscaler,ServiceMonitor,NetworkPolicy" \
-  helm Ignore -f "$CHART/ci/helm-tls-values.yaml"
-render minimal "${BASE_KINDS/,PodDisruptionBudget/}" none Ignore \
-  --set injector.enabled=false --set podDisruptionBudget.enabled=false --set kubernetes.enabled=false
-render mtls "$BASE_KINDS" none Ignore -f "$CHART/ci/mtls-values.yaml"
+  helm Ignore on -f "$CHART/ci/helm-tls-values.yaml"
+render minimal "${BASE_KINDS/,PodDisruptionBudget/}" none Ignore off \
+  --set injector.enabled=false --set podDisruptionBudget.enabled=false --set kubernetes.enabled=false \
+  --set grafana.dashboard.enabled=false
+render mtls "$BASE_KINDS,ConfigMap" none Ignore on -f "$CHART/ci/mtls-values.yaml"
 for want in "--tls-cert=/etc/weft/grpc-tls/tls.crt" "--tls-key=/etc/weft/grpc-tls/tls.key" \
   "--tls-client-ca=/etc/weft/grpc-tls/ca.crt" "--trust-domain=weft.example" "secretName: weft-grpc-tls"; do
   grep -qF -- "$want" "$OUT/mtls.yaml" || fail "mtls: '$want' not rendered"
@@ -234,7 +248,8 @@ mutate() {
   sed -E "$expr" "$OUT/defaults.yaml" >"$OUT/mutated.yaml"
   cmp -s "$OUT/defaults.yaml" "$OUT/mutated.yaml" && fail "mutation '$what' changed nothing"
   if "$PY" "$CHECK" "$OUT/mutated.yaml" --release "$RELEASE" --namespace "$NS" --tls helm \
-    --expect-kinds "$BASE_KINDS,Secret,MutatingWebhookConfiguration" --crds >/dev/null 2>&1; then
+    --expect-kinds "$BASE_KINDS,Secret,MutatingWebhookConfiguration,ConfigMap" --crds \
+    --dashboard "$DASHBOARD" >/dev/null 2>&1; then
     fail "check_manifests.py accepted a rendering with $what"
   fi
   echo "ok: caught $what"
@@ -243,6 +258,22 @@ mutate "a writable root filesystem" 's/readOnlyRootFilesystem: true/readOnlyRoot
 mutate "a webhook caBundle from another CA" 's/^(\s+caBundle: )LS0t/\1TFMw/'
 mutate "failurePolicy Fail" 's/failurePolicy: Ignore/failurePolicy: Fail/'
 mutate "a delete verb" 's/verbs: \["get", "create", "update"\]/verbs: ["get", "create", "update", "delete"]/'
+mutate "a dashboard that is not the file" 's/^(\s+"title": "Weft service mesh)"/\1 (edited)"/'
+mutate "a dashboard without the Grafana sidecar's label" 's/^(\s+)grafana_dashboard: "1"$/\1grafana_dashboard: "0"/'
+
+# ---------------------------------------------------------------------------------------------
+step "Grafana dashboard: $DASHBOARD"
+size=$(wc -c <"$DASHBOARD")
+# A ConfigMap holds at most 1 MiB; Helm's release Secret carries the chart as well.
+((size < 512 * 1024)) || fail "$DASHBOARD is $size bytes; keep it well under a ConfigMap's 1 MiB"
+"$PY" -c 'import json, sys; d = json.load(open(sys.argv[1])); assert d["uid"] and d["schemaVersion"]' "$DASHBOARD" ||
+  fail "$DASHBOARD is not a dashboard"
+"$HELM" template "$RELEASE" "$CHART" -n "$NS" --show-only templates/grafana-dashboard.yaml \
+  --set-string grafana.dashboard.labels.team=mesh --set grafana.dashboard.labels.grafana_dashboard=null \
+  >"$OUT/dashboard-labels.yaml"
+grep -qE '^    team: mesh$' "$OUT/dashboard-labels.yaml" || fail "grafana.dashboard.labels not rendered"
+! grep -q 'grafana_dashboard' "$OUT/dashboard-labels.yaml" || fail "grafana.dashboard.labels.grafana_dashboard=null did not drop the label"
+echo "ok: $size bytes; labels can be added and the default dropped (the queries are checked against the binaries by cargo test: control-plane/app/tests/dashboard.rs, tests/tests/dashboard_sidecar.rs)"
 
 # ---------------------------------------------------------------------------------------------
 step "naming: a release named like the chart is not doubled (weft -> weft, not weft-weft)"
@@ -307,6 +338,7 @@ pkg=$(ls "$OUT"/weft-*.tgz)
 tar -tzf "$pkg" >"$OUT/package-files.txt"
 grep -q '^weft/crds/' "$OUT/package-files.txt" || fail "$pkg has no crds/"
 grep -q '^weft/values.schema.json$' "$OUT/package-files.txt" || fail "$pkg has no values.schema.json"
+grep -q '^weft/dashboards/weft.json$' "$OUT/package-files.txt" || fail "$pkg has no dashboards/weft.json"
 ! grep -q '^weft/ci/' "$OUT/package-files.txt" || fail "$pkg carries ci/ (see .helmignore)"
 echo "ok: $pkg ($(wc -l <"$OUT/package-files.txt") files)"
 

@@ -3,7 +3,8 @@
 
 Usage: check_manifests.py RENDERED.yaml --release R --namespace NS --expect-kinds K1,K2,...
                           [--tls helm|cert-manager|none] [--failure-policy Ignore|Fail]
-                          [--crds]
+                          [--crds] [--dashboard FILE [--dashboard-namespace NS]
+                          [--dashboard-label KEY=VALUE]]
 
 Run by charts/test.sh with the .venv's Python (PyYAML comes with kubernetes-validate).
 Prints one line per check group and exits 1 listing every failed check.
@@ -11,6 +12,7 @@ Prints one line per check group and exits 1 listing every failed check.
 import argparse
 import base64
 import hashlib
+import json
 import os
 import subprocess
 import sys
@@ -77,15 +79,27 @@ def main():
     ap.add_argument("--tls", choices=["helm", "cert-manager", "none"], required=True)
     ap.add_argument("--failure-policy", default="Ignore")
     ap.add_argument("--crds", action="store_true", help="the rendering includes crds/")
+    ap.add_argument("--dashboard", help="the Grafana dashboard JSON file the rendering must carry "
+                    "in a ConfigMap; without it, no dashboard ConfigMap may be rendered")
+    ap.add_argument("--dashboard-namespace", help="the dashboard ConfigMap's namespace "
+                    "(default: --namespace)")
+    ap.add_argument("--dashboard-label", default="grafana_dashboard=1",
+                    help="a label the dashboard ConfigMap must have (the Grafana sidecar's)")
     args = ap.parse_args()
     ns = args.namespace
+    dashboard_ns = args.dashboard_namespace or ns
 
     with open(args.rendered) as f:
         docs = [d for d in yaml.safe_load_all(f) if d]
 
+    def is_dashboard(d):
+        return d["kind"] == "ConfigMap" and d["metadata"]["name"].endswith("-dashboard")
+
     by_kind = {}
+    dashboards = [d for d in docs if is_dashboard(d)]
     for d in docs:
-        by_kind.setdefault(d["kind"], []).append(d)
+        if not is_dashboard(d):
+            by_kind.setdefault(d["kind"], []).append(d)
 
     def one(kind):
         objs = by_kind.get(kind, [])
@@ -94,7 +108,7 @@ def main():
 
     # -- kinds
     expected = set(args.expect_kinds.split(","))
-    got = set(by_kind)
+    got = set(by_kind) | ({"ConfigMap"} if dashboards else set())
     check(got == expected, f"kinds: expected {sorted(expected)}, got {sorted(got)}")
     print(f"  kinds: {', '.join(sorted(got))}")
 
@@ -114,7 +128,8 @@ def main():
         if d["kind"] in cluster_scoped:
             check("namespace" not in d["metadata"], f"{name}: cluster-scoped, no namespace")
         else:
-            check(d["metadata"].get("namespace") == ns, f"{name}: namespace {ns}")
+            want_ns = dashboard_ns if is_dashboard(d) else ns
+            check(d["metadata"].get("namespace") == want_ns, f"{name}: namespace {want_ns}")
     print("  labels and namespaces: checked on every object")
 
     # -- the Deployment and its pod
@@ -200,6 +215,31 @@ def main():
         check(not reg_args, "no --registry-file without the ConfigMap")
     check("checksum/config" in pod["metadata"].get("annotations", {}), "checksum/config annotation")
 
+    # -- Grafana dashboard: the file as it is, where the Grafana sidecar finds it
+    if args.dashboard:
+        if check(len(dashboards) == 1, f"exactly one dashboard ConfigMap (found {len(dashboards)})"):
+            cm = dashboards[0]
+            check(cm["metadata"]["name"] == f"{fullname}-dashboard"[:63].rstrip("-"),
+                  "dashboard ConfigMap is named <fullname>-dashboard")
+            key, _, value = args.dashboard_label.partition("=")
+            check(cm["metadata"].get("labels", {}).get(key) == value,
+                  f"dashboard ConfigMap labelled {key}: \"{value}\"")
+            with open(args.dashboard) as f:
+                want_text = f.read()
+            got_text = cm.get("data", {}).get("weft.json")
+            if check(isinstance(got_text, str), "dashboard ConfigMap has data weft.json"):
+                try:
+                    got = json.loads(got_text)
+                except ValueError as e:
+                    got = None
+                    check(False, f"dashboard ConfigMap weft.json is not JSON: {e}")
+                check(got == json.loads(want_text), f"dashboard ConfigMap weft.json equals {args.dashboard}")
+                check(got_text.rstrip("\n") == want_text.rstrip("\n"),
+                      f"dashboard ConfigMap weft.json is {args.dashboard} byte for byte")
+            print(f"  Grafana dashboard ConfigMap: {args.dashboard} in {dashboard_ns}, labelled {key}={value}")
+    else:
+        check(not dashboards, "no dashboard ConfigMap (grafana.dashboard.enabled=false)")
+
     # -- Service
     svc = one("Service")
     if svc:
@@ -269,6 +309,9 @@ def main():
         ep = sm["spec"]["endpoints"]
         check(len(ep) == 1 and ep[0]["port"] == "http-admin" and ep[0]["path"] == "/metrics",
               "ServiceMonitor scrapes /metrics on http-admin")
+        # The xDS metrics' own `service` label (ads, cds, ...) must survive the scrape: without
+        # honorLabels, Prometheus renames it exported_service and the dashboard loses it.
+        check(len(ep) == 1 and ep[0].get("honorLabels") is True, "ServiceMonitor honorLabels: true")
     if "NetworkPolicy" in by_kind:
         np = one("NetworkPolicy")
         check(labels_match(np["spec"]["podSelector"]["matchLabels"], pod_labels), "NetworkPolicy selects the pods")
