@@ -12,6 +12,8 @@
 //! Missing tools (Envoy, the venv, node_modules, the binaries) are errors with a message that
 //! says how to get them, never a silent pass.
 
+pub mod browser;
+
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
 use std::io::Write;
