@@ -103,6 +103,20 @@ async fn scenario(ctx: &TestCtx) -> Result<()> {
     )
     .await?;
 
+    let root = http_get(cp.admin_port, None, "/").await?;
+    let html = root
+        .headers
+        .get(http::header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("text/html"));
+    ensure!(
+        root.status == 200 && html,
+        "the control plane's / is not the status page (weft_admin::Admin::status_page() not \
+         called in control-plane/app/src/main.rs?): {} {:?}",
+        root.status,
+        root.headers.get(http::header::CONTENT_TYPE)
+    );
+
     let browser = Browser::start(ctx).await?;
     browser
         .goto(&format!("http://127.0.0.1:{}/", cp.admin_port))

@@ -1,11 +1,11 @@
-//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/debug/*`, and a status page at
-//! `/`.
+//! The admin HTTP server: `/healthz`, `/readyz`, `/metrics`, `/debug/*`, and optionally the
+//! control plane's status page at `/`.
 //!
 //! What it does: serves liveness, readiness, Prometheus text and JSON debug documents over
-//! HTTP/1.1 (hyper 1), and one self-contained HTML page (`status.html`: inline CSS and JS, no
-//! external resources, since operators reach the port through port-forwards with no Internet)
-//! that polls those documents every 2 s. The page reads `/debug/sources`, `/debug/endpoints`,
-//! `/debug/clients` and `/debug/nacks` when the binary provides them.
+//! HTTP/1.1 (hyper 1), and, when asked ([`Admin::status_page`]), one self-contained HTML page
+//! (`status.html`: inline CSS and JS, no external resources, since operators reach the port
+//! through port-forwards with no Internet) that polls `/readyz`, `/debug/sources`,
+//! `/debug/endpoints`, `/debug/clients` and `/debug/nacks` every 2 s.
 //!
 //! What it does not do: know what it reports. Readiness and every debug document are closures
 //! the binary hands in, so this crate depends on no other Weft crate and any component can
@@ -24,7 +24,7 @@ use hyper::service::service_fn;
 use hyper_util::rt::{TokioExecutor, TokioIo};
 use tokio::net::TcpListener;
 
-/// The status page served at `/`.
+/// The status page served at `/` by [`Admin::status_page`].
 const STATUS_PAGE: &str = include_str!("status.html");
 
 /// The page's only script and style are inline and it only fetches from this server; the
@@ -58,6 +58,7 @@ pub struct Admin {
     not_ready: String,
     metrics: Arc<prometheus_client::registry::Registry>,
     debug: BTreeMap<String, DebugFn>,
+    status_page: bool,
 }
 
 impl std::fmt::Debug for Admin {
@@ -79,7 +80,17 @@ impl Admin {
                 .to_string(),
             metrics: Arc::new(metrics),
             debug: BTreeMap::new(),
+            status_page: false,
         }
+    }
+
+    /// Serves the status page at `/` (otherwise `/` is the plain-text index, like `/debug`).
+    /// Opt-in because the page reads the control plane's documents (`/debug/sources`,
+    /// `/debug/endpoints`, `/debug/clients`, `/debug/nacks` in their shapes): another binary
+    /// using this crate, like the sidecar, has other pages, some under the same names.
+    pub fn status_page(mut self) -> Self {
+        self.status_page = true;
+        self
     }
 
     /// What `/readyz` answers (after `not ready: `) while the ready check fails.
@@ -146,7 +157,7 @@ impl Admin {
                     ),
                 }
             }
-            "/" => {
+            "/" if self.status_page => {
                 let mut r = text(StatusCode::OK, STATUS_PAGE.to_string());
                 let h = r.headers_mut();
                 h.insert(
@@ -163,9 +174,12 @@ impl Admin {
                 );
                 r
             }
-            "/debug" | "/debug/" => {
-                let mut out =
-                    String::from("weft admin\n\n/ (status page)\n/healthz\n/readyz\n/metrics\n");
+            "/" | "/debug" | "/debug/" => {
+                let mut out = String::from("weft admin\n\n");
+                if self.status_page {
+                    out.push_str("/ (status page)\n");
+                }
+                out.push_str("/healthz\n/readyz\n/metrics\n");
                 for name in self.debug.keys() {
                     out.push_str(&format!("/debug/{name}\n"));
                 }
@@ -295,19 +309,17 @@ mod tests {
             nope.starts_with("HTTP/1.1 404") && nope.contains("see /debug"),
             "{nope}"
         );
-        for index in ["/debug", "/debug/"] {
+        // Without `status_page()`, `/` is the index too.
+        for index in ["/", "/debug", "/debug/"] {
             let i = get(addr, index).await;
             assert!(
                 i.starts_with("HTTP/1.1 200")
-                    && i.contains("/readyz\n/metrics\n/debug/echo\n/debug/sources\n"),
+                    && i.contains(
+                        "weft admin\n\n/healthz\n/readyz\n/metrics\n/debug/echo\n/debug/sources\n"
+                    ),
                 "{i}"
             );
         }
-        let page = get(addr, "/").await.to_ascii_lowercase();
-        assert!(page.starts_with("http/1.1 200"), "{page}");
-        assert!(page.contains("content-type: text/html; charset=utf-8\r\n"));
-        assert!(page.contains("content-security-policy: default-src 'none';"));
-        assert!(page.contains("<title>weft control plane</title>"));
         let q = get(addr, "/debug/echo?name=envoy%7E1&x=y").await;
         assert!(q.contains("\"envoy~1\""), "{q}");
         let q = get(addr, "/debug/echo").await;
@@ -315,6 +327,35 @@ mod tests {
             q.starts_with("HTTP/1.1 400") && q.contains("name= is required"),
             "{q}"
         );
+        let _ = tx.send(());
+        h.await.unwrap();
+    }
+
+    #[tokio::test]
+    async fn serves_the_status_page_when_asked() {
+        let admin = Admin::new(|| true, Default::default())
+            .debug("clients", || serde_json::json!({"clients": []}))
+            .status_page();
+        let l = TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = l.local_addr().unwrap();
+        let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+        let h = tokio::spawn(serve(l, admin, async {
+            let _ = rx.await;
+        }));
+        let page = get(addr, "/").await.to_ascii_lowercase();
+        assert!(page.starts_with("http/1.1 200"), "{page}");
+        assert!(page.contains("content-type: text/html; charset=utf-8\r\n"));
+        assert!(page.contains("content-security-policy: default-src 'none';"));
+        assert!(page.contains("<title>weft control plane</title>"));
+        for index in ["/debug", "/debug/"] {
+            let i = get(addr, index).await;
+            assert!(
+                i.starts_with("HTTP/1.1 200")
+                    && i.contains("weft admin\n\n/ (status page)\n/healthz\n")
+                    && i.contains("/debug/clients\n"),
+                "{i}"
+            );
+        }
         let _ = tx.send(());
         h.await.unwrap();
     }
