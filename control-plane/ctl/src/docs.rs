@@ -120,7 +120,7 @@ pub struct TypeConfig {
 #[serde(default)]
 pub struct ResourceConfig {
     pub name: String,
-    /// The version the client holds (was sent).
+    /// The version last sent to the client: what it holds, unless it rejected it.
     pub version: Option<String>,
     /// The cache's current version; `None` once the resource was removed.
     pub current_version: Option<String>,

@@ -97,13 +97,22 @@ fn main() -> ExitCode {
     let cli = Cli::parse();
     match run(&cli) {
         Ok(code) => code,
-        Err(e) => {
-            eprintln!("weftctl: {e:#}");
-            let not_found = e
-                .downcast_ref::<AdminError>()
-                .is_some_and(AdminError::is_not_found);
-            ExitCode::from(if not_found { EXIT_NO } else { EXIT_NO_ANSWER })
-        }
+        Err(e) => match e.downcast_ref::<AdminError>() {
+            // Its message already holds the root cause; reqwest's chain below it would only
+            // repeat it three times.
+            Some(admin) => {
+                eprintln!("weftctl: {admin}");
+                ExitCode::from(if admin.is_not_found() {
+                    EXIT_NO
+                } else {
+                    EXIT_NO_ANSWER
+                })
+            }
+            None => {
+                eprintln!("weftctl: {e:#}");
+                ExitCode::from(EXIT_NO_ANSWER)
+            }
+        },
     }
 }
 

@@ -161,7 +161,7 @@ pub fn proxy_config(doc: &ProxyConfig, filter: &ConfigFilter, now_ms: i64) -> St
         }
         let mut summary = Table::new(&["TYPE", "STATE", "ACKED", "CURRENT", "RESOURCES"]);
         let mut resources = Table::new(&[
-            "TYPE", "NAME", "HELD", "CURRENT", "STATE", "BYTES", "REJECTED",
+            "TYPE", "NAME", "VERSION", "CURRENT", "STATE", "BYTES", "REJECTED",
         ]);
         for (url, t) in &types {
             let short = type_short(url);
@@ -368,7 +368,7 @@ EDS   SYNCED  0e2f4a6b  0e2f4a6b  2
 LDS   SYNCED  77aa01c3  77aa01c3  1
 RDS   NACKED  9f3c1a2b  d00dfeed  1
 
-TYPE  NAME       HELD      CURRENT    STATE   BYTES  REJECTED
+TYPE  NAME       VERSION   CURRENT    STATE   BYTES  REJECTED
 CDS   echo       aa11bb22  aa11bb22   SYNCED  231    -
 CDS   web        cc33dd44  cc33dd44   SYNCED  220    -
 EDS   echo       ee55ff66  ee55ff66   SYNCED  174    -
