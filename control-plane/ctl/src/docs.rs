@@ -126,7 +126,7 @@ pub struct ResourceConfig {
     pub current_version: Option<String>,
     pub state: Option<String>,
     pub bytes: Option<u64>,
-    /// Debug text of the resource, when the client holds the current version.
+    /// Debug text of the current resource, when the server includes it.
     pub resource: Option<String>,
     pub rejected: Option<Rejection>,
 }

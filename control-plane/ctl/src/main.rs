@@ -71,8 +71,8 @@ enum Command {
         /// Only these types (repeatable or comma-separated).
         #[arg(short = 't', long = "type", value_enum, value_delimiter = ',')]
         types: Vec<XdsType>,
-        /// Only these resources; also prints each one's content when the proxy holds the
-        /// current version (repeatable or comma-separated).
+        /// Only these resources, and print each one's current content as the control plane
+        /// has it (repeatable or comma-separated).
         #[arg(long = "name", value_delimiter = ',')]
         names: Vec<String>,
     },
