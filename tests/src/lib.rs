@@ -653,6 +653,17 @@ impl ControlPlane {
         registry_yaml: Option<&str>,
         extra: &[String],
     ) -> Result<Self> {
+    ) -> Result<Self> {
+        Self::start_with_env(ctx, registry_yaml, extra, &[]).await
+    }
+
+    /// Like [`ControlPlane::start_with_args`], with environment variables for the process
+    /// (e.g. `KUBECONFIG`).
+    pub async fn start_with_env(
+        ctx: &TestCtx,
+        registry_yaml: Option<&str>,
+        extra: &[String],
+        env: &[(&str, &str)],
         let bin = workspace_bin("weft-control-plane")?;
         let registry_path = ctx.path("registry.yaml");
         if let Some(y) = registry_yaml {
@@ -668,6 +679,7 @@ impl ControlPlane {
         ))
         .args(extra)
         .env(
+        .envs(env.iter().copied())
             "RUST_LOG",
             std::env::var("WEFT_TEST_CP_LOG").unwrap_or_else(|_| "info".into()),
         )

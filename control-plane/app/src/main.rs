@@ -3,6 +3,7 @@
 //! here that a library crate could own.
 
 mod config;
+mod feedback;
 mod pipeline;
 
 use std::process::ExitCode;
@@ -91,6 +92,10 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         let bad =
             |e: weft_source_kubernetes::KubeError| Failure::BadConfig(format!("kubernetes: {e}"));
         let mut opts = weft_source_kubernetes::KubeOptions {
+    // Which registry objects proxies reject, for the CRDs' `Programmed` condition; fed once
+    // the xDS server exists (feedback.rs).
+    let (rejections_tx, rejections_rx) =
+        watch::channel(Arc::new(weft_source_kubernetes::ProxyRejections::new()));
             namespaces: cfg
                 .kube_namespaces
                 .iter()
@@ -112,7 +117,8 @@ async fn run(cfg: Config) -> Result<(), Failure> {
             opts,
             hub.add_source("kubernetes"),
             hub.subscribe(),
-        );
+        )
+        .with_proxy_rejections(rejections_rx);
         ks.register_metrics(&mut metrics);
         Some(ks)
     } else {
@@ -245,6 +251,7 @@ async fn run(cfg: Config) -> Result<(), Failure> {
                 "sources",
                 move || serde_json::json!({ "sources": hub_sources.sources() }),
             )
+            .status_page()
             .debug(
                 "clients",
                 move || serde_json::json!({ "clients": xds.clients() }),
@@ -310,6 +317,12 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     if let Some(es) = etcd_source {
         tasks.spawn(es.run(wait_true(shutdown_rx.clone())));
     }
+        tasks.spawn(feedback::run(
+            xds.clone(),
+            hub.subscribe(),
+            rejections_tx,
+            wait_true(shutdown_rx.clone()),
+        ));
     if let Some(cs) = consul_source {
         tasks.spawn(cs.run(wait_true(shutdown_rx.clone())));
     }

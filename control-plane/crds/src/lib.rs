@@ -11,7 +11,7 @@
 //!   structural: durations are strings with a humantime pattern, enums are strings with
 //!   `enum`, optional fields are `nullable`.
 //! - [`status`]: the status all three share (`observedGeneration`, `conditions`) and helpers
-//!   for the `Accepted` and `ResolvedRefs` conditions ([`accepted`], [`resolved_refs`],
+//!   for the `Accepted`, `ResolvedRefs` and `Programmed` conditions ([`accepted`], [`resolved_refs`], [`programmed`],
 //!   [`set_condition`]).
 //! - [`validate`]: [`validate_route`], [`validate_policy`], [`validate_external_service`]:
 //!   spec in, registry value out, checked by the registry's own validator; errors name the

@@ -1,7 +1,8 @@
 //! Status shared by the three kinds: `observedGeneration` and standard Kubernetes conditions.
 //!
-//! Condition types follow Gateway API's: `Accepted` (the spec is valid and in the registry) and
-//! `ResolvedRefs` (every service it names exists). Conditions are the real
+//! Condition types follow Gateway API's: `Accepted` (the spec is valid and in the registry),
+//! `ResolvedRefs` (every service it names exists) and `Programmed` (no connected proxy rejects
+//! the xDS resources built from it). Conditions are the real
 //! `meta/v1 Condition`, so `kubectl wait --for=condition=Accepted` and generic tooling work.
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{Condition, Time};
@@ -14,6 +15,9 @@ pub const ACCEPTED: &str = "Accepted";
 /// Condition type: every service the object refers to exists in the registry.
 pub const RESOLVED_REFS: &str = "ResolvedRefs";
 
+/// Condition type: no connected proxy rejects (NACKs) the xDS resources built from the object.
+pub const PROGRAMMED: &str = "Programmed";
+
 /// Reason for `Accepted=True`.
 pub const REASON_ACCEPTED: &str = "Accepted";
 /// Reason for `Accepted=False`: validation failed; the message lists every problem.
@@ -22,6 +26,12 @@ pub const REASON_INVALID: &str = "Invalid";
 pub const REASON_RESOLVED_REFS: &str = "ResolvedRefs";
 /// Reason for `ResolvedRefs=False`: a referenced service is not (yet) in the registry.
 pub const REASON_BACKEND_NOT_FOUND: &str = "BackendNotFound";
+
+/// Reason for `Programmed=True`.
+pub const REASON_PROGRAMMED: &str = "Programmed";
+/// Reason for `Programmed=False`: proxies reject a resource built from the object; the message
+/// names the resource, the proxies and their error.
+pub const REASON_REJECTED_BY_PROXIES: &str = "RejectedByProxies";
 
 /// Longest condition message the API server accepts (`maxLength` of `meta/v1 Condition`).
 pub const MAX_MESSAGE_LEN: usize = 32768;
@@ -33,7 +43,7 @@ pub struct ObjectStatus {
     /// The `metadata.generation` this status describes.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub observed_generation: Option<i64>,
-    /// `Accepted` and `ResolvedRefs`.
+    /// `Accepted`, `ResolvedRefs` and `Programmed`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     #[schemars(schema_with = "conditions_schema")]
     pub conditions: Vec<Condition>,
@@ -91,6 +101,16 @@ pub fn accepted(
     condition(ACCEPTED, generation, ok, reason, message)
 }
 
+/// A `Programmed` condition.
+pub fn programmed(
+    generation: Option<i64>,
+    ok: bool,
+    reason: &str,
+    message: impl Into<String>,
+) -> Condition {
+    condition(PROGRAMMED, generation, ok, reason, message)
+}
+
 /// A `ResolvedRefs` condition.
 pub fn resolved_refs(
     generation: Option<i64>,
@@ -132,7 +152,7 @@ pub fn set_condition(conditions: &mut Vec<Condition>, new: Condition) -> bool {
 fn conditions_schema(_: &mut SchemaGenerator) -> Schema {
     json_schema!({
         "type": "array",
-        "description": "Accepted and ResolvedRefs.",
+        "description": "Accepted, ResolvedRefs and Programmed.",
         "x-kubernetes-list-type": "map",
         "x-kubernetes-list-map-keys": ["type"],
         "items": {
@@ -172,7 +192,7 @@ fn conditions_schema(_: &mut SchemaGenerator) -> Schema {
                     "type": "string",
                     "maxLength": 316,
                     "pattern": "^([a-z0-9]([-a-z0-9]*[a-z0-9])?(\\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*/)?(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])$",
-                    "description": "Accepted or ResolvedRefs."
+                    "description": "Accepted, ResolvedRefs or Programmed."
                 }
             }
         }

@@ -7,7 +7,7 @@
 use kube::api::DynamicObject;
 use serde::de::DeserializeOwned;
 use weft_crds::{ExternalServiceSpec, ObjectStatus, TrafficPolicySpec, TrafficRouteSpec};
-use weft_registry::{Object, RegistryDoc};
+use weft_registry::{Object, ObjectKey, RegistryDoc};
 
 use crate::status::{CrdKind, StatusTarget, Verdict};
 
@@ -37,7 +37,14 @@ pub fn evaluate(
         resource_version: obj.metadata.resource_version.clone().unwrap_or_default(),
         current,
         verdict: match &verdict {
-            Ok((_, refs)) => Verdict::Accepted { refs: refs.clone() },
+            Ok((objs, refs)) => Verdict::Accepted {
+                refs: refs.clone(),
+                objects: objs
+                    .iter()
+                    .map(Object::key)
+                    .filter(|k| !matches!(k, ObjectKey::Instance { .. }))
+                    .collect(),
+            },
             Err(reason) => Verdict::Invalid(reason.clone()),
         },
     };
@@ -137,7 +144,8 @@ mod tests {
         assert_eq!(
             t.verdict,
             Verdict::Accepted {
-                refs: vec!["pay.shop".into(), "pay.shop".into(), "pay-v2.shop".into()]
+                refs: vec!["pay.shop".into(), "pay.shop".into(), "pay-v2.shop".into()],
+                objects: vec![weft_registry::ObjectKey::Route("shop.pay-canary".into())],
             }
         );
     }

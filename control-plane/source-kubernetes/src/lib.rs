@@ -54,7 +54,7 @@ use tokio::sync::{mpsc, watch};
 use weft_registry::{Mirror, Object, ObjectKey, RegistrySnapshot, SourceHandle};
 
 pub use lease::LeaseOptions;
-pub use status::{CrdKind, StatusTarget, Verdict};
+pub use status::{CrdKind, ProxyRejections, StatusTarget, Verdict};
 
 /// What to watch and how.
 #[derive(Debug, Clone)]
@@ -213,6 +213,7 @@ pub struct KubernetesSource {
     opts: KubeOptions,
     source: SourceHandle,
     registry: watch::Receiver<RegistrySnapshot>,
+    rejections: watch::Receiver<Arc<ProxyRejections>>,
     metrics: KubeMetrics,
 }
 
@@ -238,8 +239,19 @@ impl KubernetesSource {
             opts,
             source,
             registry,
+            // Closed at once: without [`KubernetesSource::with_proxy_rejections`] nothing is
+            // rejected and `Programmed` stays True.
+            rejections: watch::channel(Arc::new(ProxyRejections::new())).1,
             metrics: KubeMetrics::default(),
         }
+    }
+
+    /// What connected proxies reject, for the `Programmed` condition (the binary computes it
+    /// from the xDS server; see [`ProxyRejections`]).
+    #[must_use]
+    pub fn with_proxy_rejections(mut self, rx: watch::Receiver<Arc<ProxyRejections>>) -> Self {
+        self.rejections = rx;
+        self
     }
 
     pub fn metrics(&self) -> KubeMetrics {
@@ -390,6 +402,7 @@ impl KubernetesSource {
                 client: self.client.clone(),
                 targets: targets_rx,
                 registry: self.registry.clone(),
+                rejections: self.rejections.clone(),
                 leader: leader_rx,
                 retry: self.opts.status_retry,
                 writes: self.metrics.status_writes.clone(),

@@ -1,11 +1,15 @@
-//! Writes `status` (observedGeneration, `Accepted`, `ResolvedRefs`) of Weft's custom resources,
-//! and only while this replica leads.
+//! Writes `status` (observedGeneration, `Accepted`, `ResolvedRefs`, `Programmed`) of Weft's
+//! custom resources, and only while this replica leads.
+//!
+//! `Programmed` is feedback from the proxies: the binary hands in which registry objects the
+//! resources that connected proxies reject were built from ([`ProxyRejections`]); this crate
+//! never sees xDS.
 //!
 //! It compares what the status should be with what the object (as last watched) says, so a
 //! restart, a new leader or an echo of its own patch writes nothing when nothing changed, and
 //! `lastTransitionTime` only moves when a condition's status flips.
 
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 use std::future::Future;
 use std::sync::Arc;
 use std::time::Duration;
@@ -13,7 +17,11 @@ use std::time::Duration;
 use kube::api::{Api, ApiResource, DynamicObject, Patch, PatchParams};
 use tokio::sync::watch;
 use weft_crds::{ExternalService, ObjectStatus, TrafficPolicy, TrafficRoute};
-use weft_registry::{Registry, RegistrySnapshot};
+use weft_registry::{ObjectKey, Registry, RegistrySnapshot};
+
+/// Registry objects that connected proxies reject a resource built from, each with a message
+/// saying which resource, which proxies and why. Empty: nothing is rejected.
+pub type ProxyRejections = BTreeMap<ObjectKey, String>;
 
 /// Which custom resource.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -44,8 +52,12 @@ impl CrdKind {
 /// What validation said of one object.
 #[derive(Debug, Clone, PartialEq)]
 pub enum Verdict {
-    /// Valid and applied; these registry services must exist for `ResolvedRefs=True`.
-    Accepted { refs: Vec<String> },
+    /// Valid and applied; these registry services must exist for `ResolvedRefs=True`, and
+    /// these are the registry objects it became (for `Programmed`).
+    Accepted {
+        refs: Vec<String>,
+        objects: Vec<ObjectKey>,
+    },
     /// Rejected; the message names the field(s).
     Invalid(String),
 }
@@ -66,11 +78,51 @@ pub struct StatusTarget {
 
 type Key = (CrdKind, String, String);
 
-/// The status `t` should have, given the merged registry.
-pub fn desired_status(t: &StatusTarget, registry: &Registry) -> ObjectStatus {
+/// The status `t` should have, given the merged registry and what proxies reject.
+pub fn desired_status(
+    t: &StatusTarget,
+    registry: &Registry,
+    rejections: &ProxyRejections,
+) -> ObjectStatus {
     let g = t.generation;
+    let programmed = match &t.verdict {
+        Verdict::Accepted { objects, .. } => {
+            let why: Vec<&str> = objects
+                .iter()
+                .filter_map(|o| rejections.get(o))
+                .map(String::as_str)
+                .collect();
+            if why.is_empty() {
+                weft_crds::programmed(
+                    g,
+                    true,
+                    weft_crds::REASON_PROGRAMMED,
+                    "no connected proxy rejects the configuration built from it",
+                )
+            } else {
+                let mut why = why;
+                why.dedup();
+                weft_crds::programmed(
+                    g,
+                    false,
+                    weft_crds::REASON_REJECTED_BY_PROXIES,
+                    why.join("\n"),
+                )
+            }
+        }
+        Verdict::Invalid(_) => {
+            let mut c = weft_crds::programmed(
+                g,
+                false,
+                weft_crds::REASON_INVALID,
+                "not programmed: the object is invalid",
+            );
+            c.status = "Unknown".to_string();
+            c
+        }
+    };
     let (accepted, resolved) = match &t.verdict {
-        Verdict::Accepted { refs } => {
+        Verdict::Accepted { refs, .. } => {
             let mut missing: Vec<&str> = refs
                 .iter()
                 .filter(|r| !registry.services.contains_key(*r))
@@ -124,6 +176,7 @@ pub fn desired_status(t: &StatusTarget, registry: &Registry) -> ObjectStatus {
         .unwrap_or_default();
     weft_crds::set_condition(&mut conditions, accepted);
     weft_crds::set_condition(&mut conditions, resolved);
+    weft_crds::set_condition(&mut conditions, programmed);
     ObjectStatus::new(g, conditions)
 }
 
@@ -133,6 +186,8 @@ pub struct StatusWriter {
     pub targets: watch::Receiver<Arc<Vec<StatusTarget>>>,
     pub registry: watch::Receiver<RegistrySnapshot>,
     pub leader: watch::Receiver<bool>,
+    /// What proxies reject (see [`ProxyRejections`]); a closed channel means nothing is.
+    pub rejections: watch::Receiver<Arc<ProxyRejections>>,
     pub retry: Duration,
     pub writes: prometheus_client::metrics::counter::Counter,
 }
@@ -144,6 +199,8 @@ impl StatusWriter {
         // version the same patch is not sent again.
         let mut written: HashMap<Key, (String, ObjectStatus)> = HashMap::new();
         let mut retry_due = false;
+        // The binary may give no rejection feed (a closed channel): then only wait on the rest.
+        let mut rejections_open = true;
         loop {
             let retry_sleep = async {
                 if retry_due {
@@ -157,6 +214,9 @@ impl StatusWriter {
                 r = self.targets.changed() => if r.is_err() { return },
                 r = self.registry.changed() => if r.is_err() { return },
                 r = self.leader.changed() => if r.is_err() { return },
+                r = self.rejections.changed(), if rejections_open => if r.is_err() {
+                    rejections_open = false;
+                },
                 () = retry_sleep => {}
             }
             retry_due = false;
@@ -166,13 +226,14 @@ impl StatusWriter {
             }
             let targets = Arc::clone(&self.targets.borrow_and_update());
             let registry = Arc::clone(&self.registry.borrow_and_update().registry);
+            let rejections = Arc::clone(&self.rejections.borrow_and_update());
             written.retain(|k, _| {
                 targets
                     .iter()
                     .any(|t| (t.kind, &t.namespace, &t.name) == (k.0, &k.1, &k.2))
             });
             for t in targets.iter() {
-                let want = desired_status(t, &registry);
+                let want = desired_status(t, &registry, &rejections);
                 if t.current.as_ref() == Some(&want) {
                     continue;
                 }

@@ -20,6 +20,7 @@ mod cluster;
 mod endpoint;
 mod flavor;
 mod listener;
+mod origins;
 mod rate_limit;
 mod route;
 mod util;
@@ -34,6 +35,7 @@ pub use cluster::{META_LB_ALGORITHM, META_ZONE_MIN_HEALTHY_PERCENT, WEFT_METADAT
 pub use endpoint::{endpoint_assignment, endpoints};
 pub use flavor::Flavor;
 pub use listener::listeners;
+pub use origins::origins;
 pub use rate_limit::{LOCAL_RATE_LIMIT_FILTER, LOCAL_RATE_LIMIT_STAT_PREFIX, RETRY_AFTER};
 pub use route::routes;
 

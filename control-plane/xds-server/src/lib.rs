@@ -31,7 +31,7 @@ pub use csds::Csds;
 pub use limits::XdsLimits;
 pub use server::{
     Ads, Cds, Classifier, ClientStatus, Eds, Kind, Lds, NACK_LOG_LEN, NackEvent, Rds,
-    StreamResources, XdsServer, XdsService,
+    RejectedResource, StreamResources, XdsServer, XdsService,
 };
 pub use state::{
     CLUSTER, ENDPOINT, LISTENER, ORDER, ROUTE, Rejection, ResourceStatus, SyncState, TypeResources,

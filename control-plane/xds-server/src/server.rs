@@ -52,6 +52,21 @@ pub(crate) struct Inner {
     /// `weft_xds_rejected_resources` gauge, kept here so that a series can be removed at zero
     /// without racing another stream's increment.
     rejected_counts: Mutex<HashMap<(String, String), i64>>,
+    /// Bumped whenever a stream starts or stops rejecting a resource.
+    rejections_tx: watch::Sender<u64>,
+}
+
+/// A resource some connected clients reject, for feedback to where its config came from
+/// (a custom resource's status).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct RejectedResource {
+    pub flavor: String,
+    pub type_url: String,
+    pub name: String,
+    /// Node ids of the streams rejecting it, sorted, each once.
+    pub nodes: Vec<String>,
+    /// The most recent rejection's reason.
+    pub reason: String,
 }
 
 /// How many rejections `/debug/nacks` keeps.
@@ -207,6 +222,7 @@ impl Inner {
                 .get_or_create(&labels)
                 .set(*n);
         }
+        self.rejections_tx.send_modify(|g| *g = g.wrapping_add(1));
     }
 
     pub(crate) fn register_client(self: &Arc<Self>, entry: ClientEntry) -> ClientGuard {
@@ -278,6 +294,7 @@ impl XdsServer {
                 open_streams: AtomicUsize::new(0),
                 nack_log: Mutex::new(VecDeque::with_capacity(NACK_LOG_LEN)),
                 rejected_counts: Mutex::new(HashMap::new()),
+                rejections_tx: watch::channel(0).0,
             }),
         }
     }
@@ -397,6 +414,50 @@ impl XdsServer {
                 (id, v, snap)
             })
             .collect()
+    }
+
+    /// Every resource some connected stream rejects, with who and why, sorted by flavour, type
+    /// and name.
+    pub fn rejected_resources(&self) -> Vec<RejectedResource> {
+        /// Who rejects one resource, and the latest reason.
+        #[derive(Default)]
+        struct Acc {
+            nodes: Vec<String>,
+            at: u64,
+            reason: String,
+        }
+        let mut by: BTreeMap<(String, String, String), Acc> = BTreeMap::new();
+        for (_, e, _) in self.entries() {
+            let st = e.state.lock().unwrap_or_else(|p| p.into_inner());
+            for (type_url, r) in st.rejection_details() {
+                let acc = by
+                    .entry((e.flavor.clone(), type_url, r.name.clone()))
+                    .or_default();
+                acc.nodes.push(e.node_id.clone());
+                if r.at_unix_ms >= acc.at {
+                    (acc.at, acc.reason) = (r.at_unix_ms, r.reason.clone());
+                }
+            }
+        }
+        by.into_iter()
+            .map(|((flavor, type_url, name), mut acc)| {
+                acc.nodes.sort();
+                acc.nodes.dedup();
+                RejectedResource {
+                    flavor,
+                    type_url,
+                    name,
+                    nodes: acc.nodes,
+                    reason: acc.reason,
+                }
+            })
+            .collect()
+    }
+
+    /// Changes whenever the set of rejected resources may have changed (see
+    /// [`XdsServer::rejected_resources`]).
+    pub fn rejections_changed(&self) -> watch::Receiver<u64> {
+        self.inner.rejections_tx.subscribe()
     }
 
     /// The latest rejections (at most [`NACK_LOG_LEN`]), newest first.

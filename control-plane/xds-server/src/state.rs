@@ -755,6 +755,14 @@ impl StreamState {
             .collect()
     }
 
+    /// Every rejection the client holds, with its type URL.
+    pub fn rejection_details(&self) -> Vec<(String, Rejection)> {
+        self.types
+            .iter()
+            .flat_map(|(t, ts)| ts.rejected.values().map(move |r| (t.clone(), r.clone())))
+            .collect()
+    }
+
     /// Every (type URL, resource name) the client currently rejects.
     pub fn rejections(&self) -> Vec<(String, String)> {
         self.types

@@ -167,6 +167,14 @@ pub(crate) async fn run<F: Flow>(
         only_type,
         Arc::clone(&inner.name_sets),
     )));
+    // A client that goes away no longer rejects anything. Declared before the client-list
+    // entry so that it runs after the entry is gone: whoever is told of the change then no
+    // longer sees the stream.
+    let _rejections = scopeguard(|| {
+        for (type_url, name) in lock(&state).rejections() {
+            inner.count_rejection(&type_url, &name, -1);
+        }
+    });
     let entry = inner.register_client(ClientEntry::new(
         &node,
         &flavor,
@@ -175,12 +183,6 @@ pub(crate) async fn run<F: Flow>(
         Arc::clone(&state),
     ));
     let stream_id = entry.id();
-    // A client that goes away no longer rejects anything.
-    let _rejections = scopeguard(|| {
-        for (type_url, name) in lock(&state).rejections() {
-            inner.count_rejection(&type_url, &name, -1);
-        }
-    });
     inner.metrics.streams.get_or_create(&labels).inc();
     inner.metrics.streams_total.get_or_create(&labels).inc();
     let _gauge = scopeguard(|| {
