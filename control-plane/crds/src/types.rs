@@ -42,6 +42,7 @@ pub type ExternalServiceStatus = ObjectStatus;
     doc = "How traffic addressed to one service is routed: matches on path, headers and method; weighted backends; timeouts, retries and hash policy. Fields as in the registry schema's Route (docs/registry-schema.md).",
     printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".spec.service"}"#,
     printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Programmed", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Programmed\")].status"}"#,
     printcolumn = r#"{"name": "ResolvedRefs", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"ResolvedRefs\")].status"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
@@ -73,6 +74,7 @@ pub struct TrafficRouteSpec {
     printcolumn = r#"{"name": "Service", "type": "string", "jsonPath": ".spec.service"}"#,
     printcolumn = r#"{"name": "LB", "type": "string", "jsonPath": ".spec.lb"}"#,
     printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Programmed", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Programmed\")].status"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(deny_unknown_fields)]
@@ -124,6 +126,7 @@ pub struct TrafficPolicySpec {
     doc = "A service whose endpoints live outside the cluster (IP literals). Fields as in the registry schema's Service (docs/registry-schema.md).",
     printcolumn = r#"{"name": "Protocol", "type": "string", "jsonPath": ".spec.protocol"}"#,
     printcolumn = r#"{"name": "Accepted", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Accepted\")].status"}"#,
+    printcolumn = r#"{"name": "Programmed", "type": "string", "jsonPath": ".status.conditions[?(@.type==\"Programmed\")].status"}"#,
     printcolumn = r#"{"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"}"#
 )]
 #[serde(deny_unknown_fields)]

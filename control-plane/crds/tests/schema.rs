@@ -91,6 +91,11 @@ fn printer_columns() {
         "string".to_string(),
         r#".status.conditions[?(@.type=="Accepted")].status"#.to_string(),
     );
+    let programmed = (
+        "Programmed".to_string(),
+        "string".to_string(),
+        r#".status.conditions[?(@.type=="Programmed")].status"#.to_string(),
+    );
     let age = (
         "Age".to_string(),
         "date".to_string(),
@@ -102,6 +107,7 @@ fn printer_columns() {
         vec![
             s("Service", "string", ".spec.service"),
             accepted.clone(),
+            programmed.clone(),
             s(
                 "ResolvedRefs",
                 "string",
@@ -116,12 +122,18 @@ fn printer_columns() {
             s("Service", "string", ".spec.service"),
             s("LB", "string", ".spec.lb"),
             accepted.clone(),
+            programmed.clone(),
             age.clone(),
         ]
     );
     assert_eq!(
         cols(ExternalService::crd()),
-        vec![s("Protocol", "string", ".spec.protocol"), accepted, age]
+        vec![
+            s("Protocol", "string", ".spec.protocol"),
+            accepted,
+            programmed,
+            age
+        ]
     );
 }
 
