@@ -10,8 +10,11 @@
 //! - Publishes each flavour's state on a `watch` channel: a slow stream skips straight to the
 //!   latest state instead of queueing every intermediate one.
 //!
+//! - Carries, with each published state, the [`TraceParent`] of the change that produced it, so
+//!   that whoever sends the state to a client can record the push in the change's trace.
+//!
 //! What it does not do: translate (that is `weft-translate`), decide what a client is sent or
-//! when (that is `weft-xds-server`), or know where data came from.
+//! when (that is `weft-xds-server`), know where data came from, or record traces.
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Arc, OnceLock};
@@ -89,11 +92,40 @@ impl TypeSnapshot {
     }
 }
 
+/// The trace context of the change that published a snapshot: the ids of a W3C
+/// `traceparent`. Plain ids rather than an OpenTelemetry type, so the cache (and the fuzz
+/// targets that link it) need no tracing library; the xDS server turns them back into a
+/// span parent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct TraceParent {
+    pub trace_id: [u8; 16],
+    pub span_id: [u8; 8],
+    /// Whether the change was sampled: pushes of an unsampled change record nothing.
+    pub sampled: bool,
+}
+
+impl std::fmt::Display for TraceParent {
+    /// The `traceparent` header form, `00-<trace id>-<span id>-<flags>`.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("00-")?;
+        for b in self.trace_id {
+            write!(f, "{b:02x}")?;
+        }
+        f.write_str("-")?;
+        for b in self.span_id {
+            write!(f, "{b:02x}")?;
+        }
+        write!(f, "-{:02x}", u8::from(self.sampled))
+    }
+}
+
 /// One flavour's full state at one moment.
 #[derive(Debug, Clone, Default)]
 pub struct FlavorSnapshot {
     /// Increases with every change published for this flavour.
     pub generation: u64,
+    /// The change that published this state, when it was traced (see [`Cache::apply_traced`]).
+    pub trace: Option<TraceParent>,
     /// A type that did not change keeps its `Arc`: publishing a change copies nothing of the
     /// other types, and a stream can tell an unchanged type by pointer.
     pub types: HashMap<String, Arc<TypeSnapshot>>,
@@ -229,6 +261,18 @@ impl Cache {
     /// Applies updates to one flavour atomically: streams see all of them or none. Publishes
     /// only if something changed.
     pub fn apply(&self, flavor: &str, updates: Vec<TypeUpdate>, changed_at: Instant) -> ApplyStats {
+        self.apply_traced(flavor, updates, changed_at, None)
+    }
+
+    /// [`Cache::apply`], recording `trace` (the change's span) on the snapshot it publishes,
+    /// so each push of this state can be traced as part of the change.
+    pub fn apply_traced(
+        &self,
+        flavor: &str,
+        updates: Vec<TypeUpdate>,
+        changed_at: Instant,
+        trace: Option<TraceParent>,
+    ) -> ApplyStats {
         let mut stats = ApplyStats::default();
         let Some(tx) = self.flavors.get(flavor) else {
             return stats;
@@ -294,6 +338,8 @@ impl Cache {
         }
         if let Some(mut snap) = next {
             snap.generation = current.generation + 1;
+            // Replaced even with `None`: an untraced change must not inherit the last one's.
+            snap.trace = trace;
             tx.send_replace(Arc::new(snap));
         }
         stats
@@ -495,5 +541,45 @@ mod tests {
         let s = c.snapshot("envoy").unwrap();
         assert_eq!(s.generation, 1);
         assert!(c.subscribe("nope").is_none());
+    }
+
+    #[test]
+    fn a_published_snapshot_carries_its_changes_trace_parent() {
+        let c = cache();
+        let tp = TraceParent {
+            trace_id: [0xab; 16],
+            span_id: [0x01; 8],
+            sampled: true,
+        };
+        c.apply_traced(
+            "envoy",
+            vec![TypeUpdate::replace(CDS, [cluster("a", 1)])],
+            Instant::now(),
+            Some(tp),
+        );
+        assert_eq!(c.snapshot("envoy").unwrap().trace, Some(tp));
+        assert_eq!(
+            tp.to_string(),
+            format!("00-{}-{}-01", "ab".repeat(16), "01".repeat(8))
+        );
+        // Nothing changed: nothing published, so the snapshot keeps the change that made it.
+        let other = TraceParent {
+            span_id: [0x02; 8],
+            ..tp
+        };
+        c.apply_traced(
+            "envoy",
+            vec![TypeUpdate::replace(CDS, [cluster("a", 1)])],
+            Instant::now(),
+            Some(other),
+        );
+        assert_eq!(c.snapshot("envoy").unwrap().trace, Some(tp));
+        // An untraced change clears it.
+        c.apply(
+            "envoy",
+            vec![TypeUpdate::replace(CDS, [cluster("a", 2)])],
+            Instant::now(),
+        );
+        assert_eq!(c.snapshot("envoy").unwrap().trace, None);
     }
 }
