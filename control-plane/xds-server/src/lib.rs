@@ -11,6 +11,8 @@
 //!   per client and type its sync state (SYNCED / STALE / NACKED) and the resources it
 //!   rejects, and the recent rejections.
 //! - `csds`: CSDS, the same per-client state as `envoy.service.status.v3`.
+//! - `trace`: an `xds.push` span per response sent, child of the change it carries, ended by
+//!   the client's ACK or NACK (only when a subscriber enables [`TRACE_TARGET`]).
 //!
 //! What it does not do: translation or knowing where config came from. It serves whatever is
 //! in the [`weft_xds_cache::Cache`], choosing a flavour per client with the classifier it is
@@ -25,6 +27,7 @@ pub mod metrics;
 mod server;
 pub mod state;
 mod stream;
+mod trace;
 
 pub use authz::{Authorizer, spiffe_node_authorizer};
 pub use csds::Csds;
@@ -37,3 +40,4 @@ pub use state::{
     CLUSTER, ENDPOINT, LISTENER, ORDER, ROUTE, Rejection, ResourceStatus, SyncState, TypeResources,
     Variant,
 };
+pub use trace::TRACE_TARGET;

@@ -205,6 +205,13 @@ pub(crate) async fn run<F: Flow>(
                 .dec();
         }
     });
+    let mut pushes = crate::trace::Pushes::new(crate::trace::StreamInfo {
+        node_id: &node.id,
+        variant: F::VARIANT,
+        service,
+        flavor: &flavor,
+        stream_id,
+    });
     let mut next = Some(first);
     loop {
         if let Some(req) = next.take() {
@@ -232,7 +239,7 @@ pub(crate) async fn run<F: Flow>(
                             .inc();
                     }
                     drop(seen);
-                    inner.record(&node.id, stream_id, F::VARIANT, o);
+                    inner.record(&node.id, stream_id, F::VARIANT, o, &mut pushes);
                 }
             }
             let subscriptions = lock(&state).subscription_count();
@@ -259,6 +266,7 @@ pub(crate) async fn run<F: Flow>(
             inner.count_rejection(&type_url, &name, -1);
         }
         for (type_url, resp) in responses {
+            pushes.sent(&type_url, &resp, &snap);
             inner
                 .metrics
                 .pushes
@@ -338,7 +346,15 @@ fn malformed(inner: &Inner, status: &Status) -> Status {
 }
 
 impl Inner {
-    fn record(&self, node: &str, stream_id: u64, variant: Variant, o: RequestOutcome) {
+    fn record(
+        &self,
+        node: &str,
+        stream_id: u64,
+        variant: Variant,
+        o: RequestOutcome,
+        pushes: &mut crate::trace::Pushes<'_>,
+    ) {
+        pushes.answered(&o);
         let labels = TypeLabels {
             variant: variant.as_str(),
             type_url: o.type_url.clone(),
