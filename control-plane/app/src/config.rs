@@ -235,6 +235,25 @@ pub struct Config {
     #[arg(long, env = "WEFT_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
 
+    /// OTLP/gRPC collector to export spans to, e.g. http://127.0.0.1:4317: one per registry
+    /// change pushed and one per xDS response it causes (see docs/xds.md, "Tracing"). Without
+    /// it (or empty) no span is made or exported.
+    #[arg(long, env = "WEFT_OTLP_ENDPOINT")]
+    pub otlp_endpoint: Option<String>,
+
+    /// `service.name` of the exported spans' resource.
+    #[arg(
+        long,
+        env = "WEFT_OTLP_SERVICE_NAME",
+        default_value = "weft-control-plane"
+    )]
+    pub otlp_service_name: String,
+
+    /// Fraction of config changes (and of clients' initial fetches) traced, from 0 to 1. The
+    /// pushes of a change are traced exactly when the change is.
+    #[arg(long, env = "WEFT_OTLP_SAMPLE_RATIO", default_value_t = 1.0, value_parser = parse_ratio)]
+    pub otlp_sample_ratio: f64,
+
     // xDS limits and back-pressure: docs/xds.md "Limits and backpressure" (defaults and why
     // are on `weft_xds_server::XdsLimits`).
     /// Largest xDS request message, in bytes; a larger one ends its stream with
@@ -296,7 +315,24 @@ fn duration_or_off(s: &str) -> Result<Duration, humantime::DurationError> {
     humantime::parse_duration(s)
 }
 
+fn parse_ratio(s: &str) -> Result<f64, String> {
+    match s.parse::<f64>() {
+        Ok(r) if (0.0..=1.0).contains(&r) => Ok(r),
+        _ => Err(format!("`{s}` is not a number from 0 to 1")),
+    }
+}
+
 impl Config {
+    /// Span export options, when `--otlp-endpoint` is given (and not empty).
+    pub fn otlp(&self) -> Option<crate::telemetry::OtlpOptions> {
+        let endpoint = self.otlp_endpoint.as_deref().map(str::trim)?;
+        (!endpoint.is_empty()).then(|| crate::telemetry::OtlpOptions {
+            endpoint: endpoint.to_string(),
+            service_name: self.otlp_service_name.clone(),
+            sample_ratio: self.otlp_sample_ratio,
+        })
+    }
+
     /// The xDS server's limits from the `--xds-*` flags.
     pub fn xds_limits(&self) -> XdsLimits {
         let off_if_zero = |d: Duration| (!d.is_zero()).then_some(d);

@@ -5,6 +5,7 @@
 mod config;
 mod feedback;
 mod pipeline;
+mod telemetry;
 
 use std::process::ExitCode;
 use std::sync::Arc;
@@ -25,7 +26,18 @@ const EXIT_BAD_CONFIG: u8 = 64;
 
 fn main() -> ExitCode {
     let cfg = Config::parse();
-    init_tracing(&cfg.log_format);
+    // Dropped last, after the runtime: spans ended while it shuts down are still exported.
+    let _telemetry = match init_tracing(&cfg) {
+        Ok(t) => t,
+        Err(e) if e.is_bad_config() => {
+            eprintln!("weft-control-plane: invalid configuration:\n{e}");
+            return ExitCode::from(EXIT_BAD_CONFIG);
+        }
+        Err(e) => {
+            eprintln!("weft-control-plane: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -60,17 +72,9 @@ impl From<anyhow::Error> for Failure {
     }
 }
 
-fn init_tracing(format: &str) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr);
-    if format == "json" {
-        builder.json().init();
-    } else {
-        builder.init();
-    }
+/// Logs on stderr, and spans over OTLP with `--otlp-endpoint`; see telemetry.rs.
+fn init_tracing(cfg: &Config) -> Result<telemetry::Telemetry, telemetry::TelemetryError> {
+    telemetry::init(&cfg.log_format, cfg.otlp())
 }
 
 async fn run(cfg: Config) -> Result<(), Failure> {

@@ -7,6 +7,9 @@
 //! Only what a change touches is rebuilt: an endpoint change re-translates the endpoints of the
 //! services whose instances changed and nothing else, so clusters, listeners and routes keep
 //! their versions and no client is sent them again.
+//!
+//! Each rebuild is one `config.change` span (exported with `--otlp-endpoint`), whose context
+//! goes with the snapshots it publishes, so that every push of the change is its child.
 
 use std::collections::BTreeMap;
 use std::sync::Arc;
@@ -16,6 +19,7 @@ use tokio::sync::watch;
 use weft_registry::{Protocol, Registry, RegistrySnapshot};
 use weft_translate::{self as translate, Flavor};
 use weft_xds_cache::{ApplyStats, Cache, TypeUpdate};
+use weft_xds_server::TRACE_TARGET;
 
 /// What a registry change requires rebuilding.
 #[derive(Debug, Default, PartialEq, Eq)]
@@ -79,6 +83,11 @@ fn named<M>(items: Vec<M>, name: impl Fn(&M) -> String) -> Vec<(String, M)> {
     items.into_iter().map(|m| (name(&m), m)).collect()
 }
 
+/// OpenTelemetry integers are i64, and tracing-opentelemetry records a `u64` field as text.
+fn int<T: TryInto<i64>>(n: T) -> i64 {
+    n.try_into().unwrap_or(i64::MAX)
+}
+
 /// Translates what `plan` says for every flavour and applies it to the cache.
 pub fn apply(
     cache: &Cache,
@@ -87,7 +96,51 @@ pub fn apply(
     next: &Registry,
     changed_at: Instant,
 ) -> ApplyStats {
+    change(cache, opts, prev, next, changed_at, None)
+}
+
+/// [`apply`] as the `config.change` span of registry `generation`.
+fn change(
+    cache: &Cache,
+    opts: &translate::Options,
+    prev: Option<&Registry>,
+    next: &Registry,
+    changed_at: Instant,
+    generation: Option<u64>,
+) -> ApplyStats {
+    let started = Instant::now();
+    let span = tracing::info_span!(
+        target: TRACE_TARGET,
+        parent: None,
+        "config.change",
+        weft.registry.generation = tracing::field::Empty,
+        weft.change.initial = prev.is_none(),
+        // From the burst's first change to the start of the rebuild: the debounce.
+        weft.change.waited_ms = int(started.saturating_duration_since(changed_at).as_millis()),
+        weft.rebuilt.clusters = tracing::field::Empty,
+        weft.rebuilt.listeners = tracing::field::Empty,
+        weft.rebuilt.routes = tracing::field::Empty,
+        weft.rebuilt.endpoint_services = tracing::field::Empty,
+        weft.removed.endpoint_services = tracing::field::Empty,
+        weft.resources.encoded = tracing::field::Empty,
+        weft.resources.removed = tracing::field::Empty,
+        weft.resources.unchanged = tracing::field::Empty,
+        weft.duration_us = tracing::field::Empty,
+    );
+    let _entered = span.enter();
+    let trace = crate::telemetry::trace_parent(&span);
     let plan = plan(prev, next);
+    if let Some(g) = generation {
+        span.record("weft.registry.generation", int(g));
+    }
+    span.record("weft.rebuilt.clusters", plan.clusters);
+    span.record("weft.rebuilt.listeners", plan.listeners);
+    span.record("weft.rebuilt.routes", plan.routes);
+    span.record("weft.rebuilt.endpoint_services", int(plan.endpoints.len()));
+    span.record(
+        "weft.removed.endpoint_services",
+        int(plan.endpoints_removed.len()),
+    );
     let mut total = ApplyStats::default();
     for flavor in Flavor::ALL {
         let mut updates = Vec::new();
@@ -130,11 +183,15 @@ pub fn apply(
                 named(r, |r| r.name.clone()),
             ));
         }
-        let s = cache.apply(flavor.as_str(), updates, changed_at);
+        let s = cache.apply_traced(flavor.as_str(), updates, changed_at, trace);
         total.changed += s.changed;
         total.removed += s.removed;
         total.unchanged += s.unchanged;
     }
+    span.record("weft.resources.encoded", int(total.changed));
+    span.record("weft.resources.removed", int(total.removed));
+    span.record("weft.resources.unchanged", int(total.unchanged));
+    span.record("weft.duration_us", int(started.elapsed().as_micros()));
     total
 }
 
@@ -168,7 +225,14 @@ pub async fn run(
         }
         let snap = rx.borrow_and_update().clone();
         let started = Instant::now();
-        let stats = apply(&cache, &opts, Some(&prev), &snap.registry, first_change);
+        let stats = change(
+            &cache,
+            &opts,
+            Some(&prev),
+            &snap.registry,
+            first_change,
+            Some(snap.generation),
+        );
         tracing::info!(
             generation = snap.generation,
             changed = stats.changed,
