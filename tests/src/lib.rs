@@ -13,6 +13,7 @@
 //! says how to get them, never a silent pass.
 
 pub mod browser;
+pub mod otlp;
 
 use std::collections::{BTreeMap, HashSet};
 use std::fmt;
