@@ -92,14 +92,14 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         fs.register_metrics(&mut metrics);
         Some(fs)
     };
-    let kube_source = if cfg.kubernetes {
-        let bad =
-            |e: weft_source_kubernetes::KubeError| Failure::BadConfig(format!("kubernetes: {e}"));
-        let mut opts = weft_source_kubernetes::KubeOptions {
     // Which registry objects proxies reject, for the CRDs' `Programmed` condition; fed once
     // the xDS server exists (feedback.rs).
     let (rejections_tx, rejections_rx) =
         watch::channel(Arc::new(weft_source_kubernetes::ProxyRejections::new()));
+    let kube_source = if cfg.kubernetes {
+        let bad =
+            |e: weft_source_kubernetes::KubeError| Failure::BadConfig(format!("kubernetes: {e}"));
+        let mut opts = weft_source_kubernetes::KubeOptions {
             namespaces: cfg
                 .kube_namespaces
                 .iter()
@@ -251,11 +251,11 @@ async fn run(cfg: Config) -> Result<(), Failure> {
         let cache = Arc::clone(&cache);
         let embedded = embedded.clone();
         weft_admin::Admin::new(move || hub_ready.is_ready(), metrics)
+            .status_page()
             .debug(
                 "sources",
                 move || serde_json::json!({ "sources": hub_sources.sources() }),
             )
-            .status_page()
             .debug(
                 "clients",
                 move || serde_json::json!({ "clients": xds.clients() }),
@@ -317,16 +317,16 @@ async fn run(cfg: Config) -> Result<(), Failure> {
     }
     if let Some(ks) = kube_source {
         tasks.spawn(ks.run(wait_true(shutdown_rx.clone())));
-    }
-    if let Some(es) = etcd_source {
-        tasks.spawn(es.run(wait_true(shutdown_rx.clone())));
-    }
         tasks.spawn(feedback::run(
             xds.clone(),
             hub.subscribe(),
             rejections_tx,
             wait_true(shutdown_rx.clone()),
         ));
+    }
+    if let Some(es) = etcd_source {
+        tasks.spawn(es.run(wait_true(shutdown_rx.clone())));
+    }
     if let Some(cs) = consul_source {
         tasks.spawn(cs.run(wait_true(shutdown_rx.clone())));
     }
