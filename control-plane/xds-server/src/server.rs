@@ -100,6 +100,9 @@ pub struct StreamResources {
     pub types: BTreeMap<String, TypeResources>,
 }
 
+/// One stream in the client list. Cheap to clone (the state is shared), which is how status
+/// requests copy it out of the list's lock.
+#[derive(Clone)]
 pub(crate) struct ClientEntry {
     node_id: String,
     cluster: String,
@@ -372,7 +375,7 @@ impl XdsServer {
 
     fn stream_resources(
         id: u64,
-        e: EntryView,
+        e: ClientEntry,
         snap: Option<&weft_xds_cache::FlavorSnapshot>,
     ) -> StreamResources {
         let types = e
@@ -395,12 +398,18 @@ impl XdsServer {
     /// A copy of the client list with each flavour's current snapshot, taken under the list's
     /// lock only briefly: streams' states are locked one at a time afterwards, so a status
     /// request never holds up streams registering or ending.
-    fn entries(&self) -> Vec<(u64, EntryView, Option<Arc<weft_xds_cache::FlavorSnapshot>>)> {
-        let views: Vec<(u64, EntryView)> = self
+    fn entries(
+        &self,
+    ) -> Vec<(
+        u64,
+        ClientEntry,
+        Option<Arc<weft_xds_cache::FlavorSnapshot>>,
+    )> {
+        let views: Vec<(u64, ClientEntry)> = self
             .inner
             .clients_lock()
             .iter()
-            .map(|(id, e)| (*id, EntryView::of(e)))
+            .map(|(id, e)| (*id, e.clone()))
             .collect();
         let mut snaps: HashMap<String, Option<Arc<weft_xds_cache::FlavorSnapshot>>> =
             HashMap::new();
@@ -500,33 +509,6 @@ impl XdsServer {
             .add_service(self.eds())
             .add_service(self.lds())
             .add_service(self.rds())
-    }
-}
-
-/// A client-list entry copied out of the list's lock.
-struct EntryView {
-    node_id: String,
-    cluster: String,
-    user_agent: String,
-    flavor: String,
-    variant: Variant,
-    service: &'static str,
-    connected_unix_ms: u64,
-    state: Arc<Mutex<StreamState>>,
-}
-
-impl EntryView {
-    fn of(e: &ClientEntry) -> Self {
-        Self {
-            node_id: e.node_id.clone(),
-            cluster: e.cluster.clone(),
-            user_agent: e.user_agent.clone(),
-            flavor: e.flavor.clone(),
-            variant: e.variant,
-            service: e.service,
-            connected_unix_ms: e.connected_unix_ms,
-            state: Arc::clone(&e.state),
-        }
     }
 }
 

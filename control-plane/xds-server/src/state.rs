@@ -508,21 +508,26 @@ impl TypeState {
         self.wildcard || self.names.contains(name)
     }
 
+    /// Ends the rejections `keep` says are over, and returns their names.
+    fn end_rejections(&mut self, keep: impl Fn(&str, &Rejection) -> bool) -> Vec<String> {
+        let mut gone = Vec::new();
+        self.rejected.retain(|n, r| {
+            let k = keep(n, r);
+            if !k {
+                gone.push(n.clone());
+            }
+            k
+        });
+        gone
+    }
+
     /// Ends the rejections of resources the client no longer subscribes to.
     fn prune_out_of_scope(&mut self) -> Vec<String> {
         if self.rejected.is_empty() {
             return Vec::new();
         }
         let (wildcard, names) = (self.wildcard, Arc::clone(&self.names));
-        let mut gone = Vec::new();
-        self.rejected.retain(|n, _| {
-            let keep = wildcard || names.contains(n);
-            if !keep {
-                gone.push(n.clone());
-            }
-            keep
-        });
-        gone
+        self.end_rejections(|n, _| wildcard || names.contains(n))
     }
 
     /// Whether the client holds the current state of the type (`snap`): nothing un-ACKed,
@@ -917,14 +922,7 @@ impl StreamState {
         if let Some(ts) = self.types.get_mut(type_url)
             && !ts.rejected.is_empty()
         {
-            let mut gone = Vec::new();
-            ts.rejected.retain(|n, _| {
-                let keep = tsnap.resources.contains_key(n);
-                if !keep {
-                    gone.push(n.clone());
-                }
-                keep
-            });
+            let gone = ts.end_rejections(|n, _| tsnap.resources.contains_key(n));
             self.cleared
                 .extend(gone.into_iter().map(|n| (type_url.to_string(), n)));
         }
@@ -1243,20 +1241,14 @@ fn judge(
             ts.status.last_ack_unix_ms = Some(unix_ms());
             // A rejection ends when the client accepts another version of the resource, or
             // when the resource is gone from what it should hold.
-            let mut cleared = Vec::new();
             let scope = (ts.wildcard, Arc::clone(&ts.names));
-            ts.rejected.retain(|name, r| {
-                let in_scope = scope.0 || scope.1.contains(name);
-                let keep = in_scope
+            let cleared = ts.end_rejections(|name, r| {
+                (scope.0 || scope.1.contains(name))
                     && pending
                         .snapshot
                         .resources
                         .get(name)
-                        .is_some_and(|cur| cur.version == r.version);
-                if !keep {
-                    cleared.push(name.clone());
-                }
-                keep
+                        .is_some_and(|cur| cur.version == r.version)
             });
             Judged {
                 kind: RequestKind::Ack {
