@@ -654,7 +654,6 @@ impl ControlPlane {
         registry_yaml: Option<&str>,
         extra: &[String],
     ) -> Result<Self> {
-    ) -> Result<Self> {
         Self::start_with_env(ctx, registry_yaml, extra, &[]).await
     }
 
@@ -665,6 +664,7 @@ impl ControlPlane {
         registry_yaml: Option<&str>,
         extra: &[String],
         env: &[(&str, &str)],
+    ) -> Result<Self> {
         let bin = workspace_bin("weft-control-plane")?;
         let registry_path = ctx.path("registry.yaml");
         if let Some(y) = registry_yaml {
@@ -679,8 +679,8 @@ impl ControlPlane {
             registry_yaml.map(|_| registry_path.as_path()),
         ))
         .args(extra)
-        .env(
         .envs(env.iter().copied())
+        .env(
             "RUST_LOG",
             std::env::var("WEFT_TEST_CP_LOG").unwrap_or_else(|_| "info".into()),
         )
@@ -1069,6 +1069,42 @@ impl Envoy {
         }
         Ok(t)
     }
+
+    /// Waits (10 s) until a request with `Host: host` is answered 200 by `backend`, or by any
+    /// backend when `None`: Envoy has fetched its config and routes.
+    pub async fn wait_routes(&self, host: &str, backend: Option<&str>) -> Result<()> {
+        eventually(
+            &format!("Envoy routes Host: {host}"),
+            Duration::from_secs(10),
+            async || {
+                let r = self.http_get(host, "/").await?;
+                ensure!(
+                    r.status == 200 && backend.is_none_or(|b| r.backend() == Some(b)),
+                    "{} {}",
+                    r.status,
+                    r.body
+                );
+                Ok(())
+            },
+        )
+        .await
+    }
+}
+
+/// A `path_regex` every syntax check accepts (the registry schema checks it with Rust's
+/// `regex`) and Envoy rejects: its RE2 program is far above Envoy's default limit
+/// (`re2.max_program_size.error_level`, 100), so Envoy NACKs the RouteConfiguration carrying
+/// it, with a message quoting the regex. `tag` tells tests' regexes apart.
+pub fn regex_envoy_rejects(tag: &str) -> String {
+    format!("/{tag}-[a-z]{{300}}")
+}
+
+/// Registry YAML: a `routes:` list with one route `name` of `service` whose one rule matches
+/// `path_regex` (see [`regex_envoy_rejects`]).
+pub fn regex_route_yaml(name: &str, service: &str, path_regex: &str) -> String {
+    format!(
+        "routes:\n  - name: {name}\n    service: {service}\n    rules:\n      - match: {{path_regex: \"{path_regex}\"}}\n"
+    )
 }
 
 /// Parses Envoy's plain-text `/stats`: `name: value` lines; non-integer values are skipped.

@@ -15,9 +15,6 @@ use fake_api::{FakeApi, ROUTES};
 use serde_json::{Value, json};
 use weft_tests::*;
 
-/// A regex every syntax check accepts and Envoy refuses for its RE2 program size.
-const BIG_REGEX: &str = "/crd-[a-z]{300}";
-
 fn route(path_match: Value) -> Value {
     json!({"metadata": {"name": "web-paths", "namespace": "shop"},
            "spec": {"service": "web", "rules": [{"match": path_match}]}})
@@ -45,16 +42,7 @@ async fn scenario(ctx: &TestCtx) -> Result<()> {
     let api = FakeApi::start().await;
     api.apply(ROUTES, route(json!({"path_prefix": "/"})));
     let kubeconfig = ctx.path("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
-             users:\n- name: fake\n  user: {{}}\n",
-            api.url()
-        ),
-    )?;
+    std::fs::write(&kubeconfig, api.kubeconfig())?;
     let b = Backends::start(ctx, &[("web-1", Kind::Http)]).await?;
     let mut reg = String::from("services:\n");
     reg.push_str(&b.service_yaml("web", "http", &["web-1"])?);
@@ -69,21 +57,7 @@ async fn scenario(ctx: &TestCtx) -> Result<()> {
     let sotw = Envoy::start(ctx, &cp, Variant::Sotw, "crd-sotw").await?;
     let delta = Envoy::start(ctx, &cp, Variant::Delta, "crd-delta").await?;
     for envoy in [&sotw, &delta] {
-        eventually(
-            "Envoy routes Host: web",
-            Duration::from_secs(10),
-            async || {
-                let r = envoy.http_get("web", "/").await?;
-                ensure!(
-                    r.status == 200 && r.backend() == Some("web-1"),
-                    "{} {}",
-                    r.status,
-                    r.body
-                );
-                Ok(())
-            },
-        )
-        .await?;
+        envoy.wait_routes("web", Some("web-1")).await?;
     }
     eventually(
         "Accepted and Programmed",
@@ -98,7 +72,10 @@ async fn scenario(ctx: &TestCtx) -> Result<()> {
     .await?;
 
     // A regex Envoy refuses: both Envoys NACK the RouteConfiguration the route is part of.
-    api.apply(ROUTES, route(json!({"path_regex": BIG_REGEX})));
+    api.apply(
+        ROUTES,
+        route(json!({"path_regex": regex_envoy_rejects("crd")})),
+    );
     let p = eventually("Programmed=False", Duration::from_secs(20), async || {
         let p = condition(&api, "Programmed")?;
         ensure!(p["status"] == "False", "{p}");

@@ -8,15 +8,14 @@ use anyhow::{Context, Result, anyhow, ensure};
 use serde_json::Value;
 use weft_tests::*;
 
-/// A regex every syntax check accepts and Envoy refuses for its RE2 program size.
-const BIG_REGEX: &str = "/csds-[a-z]{300}";
-
 fn registry(b: &Backends, bad_route: bool) -> Result<String> {
     let mut y = String::from("services:\n");
     y.push_str(&b.service_yaml("web", "http", &["web-1"])?);
     if bad_route {
-        y.push_str(&format!(
-            "routes:\n  - name: bad-regex\n    service: web\n    rules:\n      - match: {{path_regex: \"{BIG_REGEX}\"}}\n"
+        y.push_str(&regex_route_yaml(
+            "bad-regex",
+            "web",
+            &regex_envoy_rejects("csds"),
         ));
     }
     Ok(y)
@@ -67,16 +66,7 @@ async fn scenario(ctx: &TestCtx) -> Result<()> {
     let sotw = Envoy::start(ctx, &cp, Variant::Sotw, "csds-sotw").await?;
     let delta = Envoy::start(ctx, &cp, Variant::Delta, "csds-delta").await?;
     for envoy in [&sotw, &delta] {
-        eventually(
-            "Envoy routes Host: web",
-            Duration::from_secs(10),
-            async || {
-                let r = envoy.http_get("web", "/").await?;
-                ensure!(r.status == 200, "{} {}", r.status, r.body);
-                Ok(())
-            },
-        )
-        .await?;
+        envoy.wait_routes("web", None).await?;
     }
     let all = eventually(
         "both Envoys ACKed everything",

@@ -10,9 +10,6 @@ use anyhow::{Result, anyhow, ensure};
 use serde_json::Value;
 use weft_tests::*;
 
-/// A regex every syntax check accepts and Envoy refuses for its RE2 program size.
-const BIG_REGEX: &str = "/nack-[a-z]{300}";
-
 fn registry(b: &Backends, bad_route: bool) -> Result<String> {
     registry_with(b, bad_route, &["web-1"])
 }
@@ -21,11 +18,10 @@ fn registry_with(b: &Backends, bad_route: bool, web: &[&str]) -> Result<String> 
     let mut y = String::from("services:\n");
     y.push_str(&b.service_yaml("web", "http", web)?);
     if bad_route {
-        // Valid syntax (the schema checks it with Rust's `regex`, which accepts it), but its
-        // RE2 program is far above Envoy's default limit (`re2.max_program_size.error_level`,
-        // 100), so Envoy rejects the RouteConfiguration.
-        y.push_str(&format!(
-            "routes:\n  - name: bad-regex\n    service: web\n    rules:\n      - match: {{path_regex: \"{BIG_REGEX}\"}}\n"
+        y.push_str(&regex_route_yaml(
+            "bad-regex",
+            "web",
+            &regex_envoy_rejects("nack"),
         ));
     }
     Ok(y)
@@ -54,21 +50,7 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
     let cp = ControlPlane::start(ctx, &registry(&b, false)?).await?;
     let node = format!("envoy-nack-{}", variant.name());
     let envoy = Envoy::start(ctx, &cp, variant, &node).await?;
-    eventually(
-        "Envoy routes Host: web",
-        Duration::from_secs(10),
-        async || {
-            let r = envoy.http_get("web", "/").await?;
-            ensure!(
-                r.status == 200 && r.backend() == Some("web-1"),
-                "{} {}",
-                r.status,
-                r.body
-            );
-            Ok(())
-        },
-    )
-    .await?;
+    envoy.wait_routes("web", Some("web-1")).await?;
     let before = route_state(&cp, &node).await?;
     ensure!(
         before.get("last_nack").is_none_or(Value::is_null),

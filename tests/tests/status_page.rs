@@ -92,16 +92,7 @@ async fn scenario(ctx: &TestCtx) -> Result<()> {
     let ep = |name: &str| -> Result<String> { Ok(format!("127.0.0.1:{}", b.port(name)?)) };
     let cp = ControlPlane::start(ctx, &registry(&b, &["web-1"], false)?).await?;
     let envoy = Envoy::start(ctx, &cp, Variant::Sotw, NODE).await?;
-    eventually(
-        "Envoy routes Host: web",
-        Duration::from_secs(10),
-        async || {
-            let r = envoy.http_get("web", "/").await?;
-            ensure!(r.status == 200, "{} {}", r.status, r.body);
-            Ok(())
-        },
-    )
-    .await?;
+    envoy.wait_routes("web", None).await?;
 
     let root = http_get(cp.admin_port, None, "/").await?;
     let html = root

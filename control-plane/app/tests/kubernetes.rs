@@ -22,17 +22,7 @@ fn spawn_with_kubeconfig(name: &str, api: &FakeApi, extra: &[&str]) -> Cp {
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::create_dir_all(&dir).unwrap();
     let kubeconfig = dir.join("kubeconfig");
-    std::fs::write(
-        &kubeconfig,
-        format!(
-            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
-             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
-             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
-             users:\n- name: fake\n  user: {{}}\n",
-            api.url()
-        ),
-    )
-    .unwrap();
+    std::fs::write(&kubeconfig, api.kubeconfig()).unwrap();
     let (xds, admin) = (free_port(), free_port());
     let child = Command::new(env!("CARGO_BIN_EXE_weft-control-plane"))
         .args(["--xds-listen", &format!("127.0.0.1:{xds}")])

@@ -357,6 +357,18 @@ impl FakeApi {
         format!("http://127.0.0.1:{}", self.port)
     }
 
+    /// A kubeconfig pointing at this server (no credentials), for the real binary's
+    /// `KUBECONFIG`.
+    pub fn kubeconfig(&self) -> String {
+        format!(
+            "apiVersion: v1\nkind: Config\ncurrent-context: fake\n\
+             clusters:\n- name: fake\n  cluster:\n    server: {}\n\
+             contexts:\n- name: fake\n  context:\n    cluster: fake\n    user: fake\n\
+             users:\n- name: fake\n  user: {{}}\n",
+            self.url()
+        )
+    }
+
     pub fn client(&self) -> kube::Client {
         Self::client_for(self.port)
     }
