@@ -94,6 +94,7 @@ deny:
 
 lint:
 	$(CARGO) fmt --all --check
+	$(CARGO) fmt --manifest-path tests/fuzz/Cargo.toml --all --check
 	$(CARGO) clippy --workspace --all-targets -- -D warnings
 
 # Every cargo-fuzz target for FUZZ_SECONDS each, on a copy of tests/fuzz/corpus (docs/fuzzing.md).

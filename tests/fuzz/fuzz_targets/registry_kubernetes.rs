@@ -53,9 +53,23 @@ fn crd(value: serde_json::Value) {
             (&*ns, &*name)
         );
         match (result, &target.verdict) {
-            (Ok(objects), Verdict::Accepted { refs }) => {
+            (
+                Ok(objects),
+                Verdict::Accepted {
+                    refs,
+                    objects: keys,
+                },
+            ) => {
                 assert!(!objects.is_empty(), "an accepted {kind:?} gave nothing");
                 objects.iter().for_each(assert_object_valid);
+                // `Programmed` is judged on these keys: every object it became except
+                // instances, no more and no fewer.
+                let want: Vec<_> = objects
+                    .iter()
+                    .map(Object::key)
+                    .filter(|k| !matches!(k, weft_registry::ObjectKey::Instance { .. }))
+                    .collect();
+                assert_eq!(keys, &want, "status keys and objects disagree");
                 for r in refs {
                     assert!(weft_registry::schema::is_valid_name(r), "ref {r:?}");
                 }
