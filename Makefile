@@ -27,7 +27,8 @@ run:
 	@echo "then:"
 	@echo "    curl -H 'Host: web' http://127.0.0.1:15001/       # answered by web-1, web-2 or web-3"
 	@echo "    curl -H 'Host: web' http://127.0.0.1:15001/api    # 80% web, 20% web-canary"
-	@echo "    curl http://127.0.0.1:19000/debug/clients         # the control plane's view of its clients"
+	@echo "    cargo run -q -p weftctl -- status                 # Envoy's per-type sync state (SYNCED / STALE / NACKED)"
+	@echo "Open http://127.0.0.1:19000/ for the live status page (services, endpoints, proxies, recent NACKs)."
 	@echo "Edit examples/demo/registry.yaml while it runs: Envoy follows within a couple of seconds."
 	@echo
 	@target/debug/weft-demo-backend \
