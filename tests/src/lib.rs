@@ -2035,143 +2035,27 @@ pub async fn registration_of(
 // OTLP/gRPC trace receiver
 // ---------------------------------------------------------------------------------------------
 
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{
-    TraceService, TraceServiceServer,
-};
-use opentelemetry_proto::tonic::collector::trace::v1::{
-    ExportTraceServiceRequest, ExportTraceServiceResponse,
-};
-use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
-
-/// One span an [`OtlpReceiver`] received, ids in lowercase hex.
-#[derive(Debug, Clone, PartialEq)]
-pub struct ReceivedSpan {
-    pub trace_id: String,
-    pub span_id: String,
-    /// `None` for a root span (empty parent id).
-    pub parent_span_id: Option<String>,
-    pub name: String,
-    /// OTLP `SpanKind` (2 = server, 3 = client).
-    pub kind: i32,
-    /// The resource's `service.name`.
-    pub service_name: Option<String>,
-    /// Span attributes, values as text.
-    pub attributes: BTreeMap<String, String>,
-    /// Resource attributes, values as text.
-    pub resource: BTreeMap<String, String>,
-}
+pub use otlp::ReceivedSpan;
 
 /// An in-test OTLP/gRPC collector (`TraceService/Export`) on a free loopback port, storing every
-/// span it receives. Stops when dropped.
-pub struct OtlpReceiver {
-    port: u16,
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-    task: tokio::task::JoinHandle<()>,
-}
-
-impl fmt::Debug for OtlpReceiver {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("OtlpReceiver")
-            .field("port", &self.port)
-            .finish()
-    }
-}
-
-struct Collector {
-    spans: Arc<Mutex<Vec<ReceivedSpan>>>,
-}
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        request: tonic::Request<ExportTraceServiceRequest>,
-    ) -> std::result::Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut got = Vec::new();
-        for rs in request.into_inner().resource_spans {
-            let resource = rs
-                .resource
-                .map(|r| attributes_text(&r.attributes))
-                .unwrap_or_default();
-            let service_name = resource.get("service.name").cloned();
-            for ss in rs.scope_spans {
-                for s in ss.spans {
-                    got.push(ReceivedSpan {
-                        trace_id: hex(&s.trace_id),
-                        span_id: hex(&s.span_id),
-                        parent_span_id: (!s.parent_span_id.is_empty()
-                            && s.parent_span_id.iter().any(|b| *b != 0))
-                        .then(|| hex(&s.parent_span_id)),
-                        name: s.name,
-                        kind: s.kind,
-                        service_name: service_name.clone(),
-                        attributes: attributes_text(&s.attributes),
-                        resource: resource.clone(),
-                    });
-                }
-            }
-        }
-        self.spans
-            .lock()
-            .map_err(|_| tonic::Status::internal("span store poisoned"))?
-            .extend(got);
-        Ok(tonic::Response::new(ExportTraceServiceResponse {
-            partial_success: None,
-        }))
-    }
-}
-
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
-fn attributes_text(kvs: &[KeyValue]) -> BTreeMap<String, String> {
-    kvs.iter()
-        .map(|kv| (kv.key.clone(), any_value_text(kv.value.as_ref())))
-        .collect()
-}
-
-fn any_value_text(v: Option<&AnyValue>) -> String {
-    match v.and_then(|v| v.value.as_ref()) {
-        Some(any_value::Value::StringValue(s)) => s.clone(),
-        Some(any_value::Value::BoolValue(b)) => b.to_string(),
-        Some(any_value::Value::IntValue(i)) => i.to_string(),
-        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
-        Some(other) => format!("{other:?}"),
-        None => String::new(),
-    }
-}
+/// span it receives: [`otlp::Collector`] for tests that need no more than ids, names and
+/// attributes. Stops when dropped.
+#[derive(Debug)]
+pub struct OtlpReceiver(otlp::Collector);
 
 impl OtlpReceiver {
     pub async fn start() -> Result<Self> {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .context("binding the OTLP receiver")?;
-        let port = listener.local_addr()?.port();
-        let spans = Arc::new(Mutex::new(Vec::new()));
-        let svc = TraceServiceServer::new(Collector {
-            spans: Arc::clone(&spans),
-        });
-        let task = tokio::spawn(async move {
-            let r = tonic::transport::Server::builder()
-                .add_service(svc)
-                .serve_with_incoming(tonic::transport::server::TcpIncoming::from(listener))
-                .await;
-            if let Err(e) = r {
-                eprintln!("OTLP receiver stopped: {e}");
-            }
-        });
-        Ok(Self { port, spans, task })
+        Ok(Self(otlp::Collector::start().await?))
     }
 
     /// `http://127.0.0.1:<port>`, for `--otlp-endpoint`.
     pub fn endpoint(&self) -> String {
-        format!("http://127.0.0.1:{}", self.port)
+        self.0.endpoint()
     }
 
     /// Every span received so far.
     pub fn spans(&self) -> Vec<ReceivedSpan> {
-        self.spans.lock().map(|s| s.clone()).unwrap_or_default()
+        self.0.spans().into_iter().map(|s| s.span).collect()
     }
 
     /// The spans of one trace (`trace_id` in lowercase hex).
@@ -2180,12 +2064,6 @@ impl OtlpReceiver {
             .into_iter()
             .filter(|s| s.trace_id == trace_id)
             .collect()
-    }
-}
-
-impl Drop for OtlpReceiver {
-    fn drop(&mut self) {
-        self.task.abort();
     }
 }
 

@@ -1,10 +1,9 @@
-//! An OTLP/gRPC collector that keeps whole spans: what [`crate::OtlpReceiver`] keeps
-//! ([`ReceivedSpan`]) plus start and end times, status and links, and how many connections and
-//! export requests it saw, so a test can also prove that nothing was even attempted.
-//!
-//! It shares the decoding helpers of [`crate::OtlpReceiver`]; the sidecar tests use that one,
-//! which needs no more than ids, names and attributes.
+//! An OTLP/gRPC collector that keeps whole spans: ids, names and attributes ([`ReceivedSpan`],
+//! all [`crate::OtlpReceiver`] hands the sidecar tests) plus start and end times, status and
+//! links, and how many connections and export requests it saw, so a test can also prove that
+//! nothing was even attempted.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
@@ -18,7 +17,25 @@ use opentelemetry_proto::tonic::collector::trace::v1::{
 };
 use tonic::codegen::tokio_stream::StreamExt as _;
 
-use crate::{ReceivedSpan, attributes_text, hex};
+use opentelemetry_proto::tonic::common::v1::{AnyValue, KeyValue, any_value};
+
+/// One span a [`Collector`] received, ids in lowercase hex.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReceivedSpan {
+    pub trace_id: String,
+    pub span_id: String,
+    /// `None` for a root span (empty parent id).
+    pub parent_span_id: Option<String>,
+    pub name: String,
+    /// OTLP `SpanKind` (2 = server, 3 = client).
+    pub kind: i32,
+    /// The resource's `service.name`.
+    pub service_name: Option<String>,
+    /// Span attributes, values as text.
+    pub attributes: BTreeMap<String, String>,
+    /// Resource attributes, values as text.
+    pub resource: BTreeMap<String, String>,
+}
 
 /// OTLP `Status.code` of an error.
 pub const STATUS_ERROR: i32 = 2;
@@ -173,5 +190,26 @@ impl Collector {
 impl Drop for Collector {
     fn drop(&mut self) {
         self.task.abort();
+    }
+}
+
+fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
+fn attributes_text(kvs: &[KeyValue]) -> BTreeMap<String, String> {
+    kvs.iter()
+        .map(|kv| (kv.key.clone(), any_value_text(kv.value.as_ref())))
+        .collect()
+}
+
+fn any_value_text(v: Option<&AnyValue>) -> String {
+    match v.and_then(|v| v.value.as_ref()) {
+        Some(any_value::Value::StringValue(s)) => s.clone(),
+        Some(any_value::Value::BoolValue(b)) => b.to_string(),
+        Some(any_value::Value::IntValue(i)) => i.to_string(),
+        Some(any_value::Value::DoubleValue(d)) => d.to_string(),
+        Some(other) => format!("{other:?}"),
+        None => String::new(),
     }
 }
