@@ -127,6 +127,49 @@ async fn bad_hot_reload_keeps_the_last_good_config_and_reports_the_error() {
     assert_eq!(sources["sources"][0]["errors"], serde_json::json!({}));
 }
 
+/// `--log-format json`: what a log pipeline (Loki, Elasticsearch, Cloud Logging) ingests
+/// without a parser: one JSON object per line, and a rejected file's error carries the file
+/// and the reason as fields, not only inside the message.
+#[tokio::test]
+async fn json_logs_are_one_object_per_line_with_the_rejection_as_fields() {
+    let good = "services: [{name: web, endpoints: [{address: 127.0.0.1, port: 8001}]}]\n";
+    let cp = Cp::start("jsonlog", Some(good), &["--log-format", "json"]).await;
+    cp.write_registry("services: [{name: web, endpoints: [{address: 127.0.0.1, port: 70000}]}]\n");
+    let file = cp.registry_path().display().to_string();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let rejected = loop {
+        let log = cp.log();
+        let lines: Vec<serde_json::Value> = log
+            .lines()
+            .map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("not JSON ({e}): {l:?}")))
+            .collect();
+        for l in &lines {
+            assert!(
+                l["timestamp"].is_string() && l["level"].is_string() && l["target"].is_string(),
+                "a line without timestamp, level or target: {l}"
+            );
+            assert!(l["fields"]["message"].is_string(), "no message: {l}");
+        }
+        if let Some(l) = lines.iter().find(|l| {
+            l["fields"]["message"]
+                .as_str()
+                .unwrap_or("")
+                .contains("rejected")
+        }) {
+            break l.clone();
+        }
+        assert!(Instant::now() < deadline, "no rejection logged:\n{log}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(rejected["level"], "ERROR", "{rejected}");
+    assert_eq!(rejected["fields"]["file"], file.as_str(), "{rejected}");
+    let reason = rejected["fields"]["reason"].as_str().unwrap_or("");
+    assert!(
+        reason.contains("services[0].endpoints[0].port"),
+        "{rejected}"
+    );
+}
+
 #[tokio::test]
 async fn sigterm_drains_open_streams_and_exits() {
     let good = "services: [{name: web, endpoints: [{address: 127.0.0.1, port: 8001}]}]\n";
