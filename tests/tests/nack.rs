@@ -110,6 +110,17 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
         gauge == Some(1.0),
         "weft_xds_rejected_resources = {gauge:?}"
     );
+    // What an alert on `weft_xds_sync_state_streams{state="NACKED"} > 0` sees.
+    let nacked_streams = cp
+        .metric_value(
+            "weft_xds_sync_state_streams",
+            &[("type_url", TYPE_ROUTE), ("state", "NACKED")],
+        )
+        .await?;
+    ensure!(
+        nacked_streams == Some(1.0),
+        "weft_xds_sync_state_streams{{RDS,NACKED}} = {nacked_streams:?}"
+    );
     let config: Value = serde_json::from_str(
         &cp.admin_get(&format!("/debug/proxy_config?node={node}"))
             .await?,
@@ -197,6 +208,19 @@ async fn scenario(ctx: &TestCtx, variant: Variant) -> Result<()> {
             );
             ensure!(pushes(&st)? > p2, "no new RDS push after the fix: {st}");
             ensure!(st["state"] == "SYNCED", "RDS state after the fix: {st}");
+            let mut by_state = Vec::new();
+            for state in ["SYNCED", "NACKED"] {
+                let labels = [("type_url", TYPE_ROUTE), ("state", state)];
+                by_state.push(
+                    cp.metric_value("weft_xds_sync_state_streams", &labels)
+                        .await?,
+                );
+            }
+            let (synced, nacked) = (by_state[0], by_state[1]);
+            ensure!(
+                synced == Some(1.0) && nacked == Some(0.0),
+                "weft_xds_sync_state_streams for RDS after the fix: SYNCED {synced:?}, NACKED {nacked:?}"
+            );
             ensure!(
                 st["rejected"] == serde_json::json!([]),
                 "still rejected: {st}"

@@ -25,6 +25,13 @@ pub struct RefusedLabels {
     pub reason: &'static str,
 }
 
+/// One sync state of one type (`weft_xds_sync_state_streams`).
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct SyncLabels {
+    pub type_url: String,
+    pub state: &'static str,
+}
+
 /// One resource of one type.
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResourceLabels {

@@ -324,6 +324,7 @@ impl XdsServer {
 
     pub fn register_metrics(&self, reg: &mut prometheus_client::registry::Registry) {
         self.inner.metrics.register(reg);
+        reg.register_collector(Box::new(SyncStateCollector(self.clone())));
     }
 
     /// Every connected stream with its per-type protocol state, judged against the cache's
@@ -509,6 +510,53 @@ impl XdsServer {
             .add_service(self.eds())
             .add_service(self.lds())
             .add_service(self.rds())
+    }
+}
+
+/// `weft_xds_sync_state_streams`: judged at scrape time, like `/debug/clients`, because the
+/// state of every stream changes with every snapshot and keeping gauges current on the push
+/// path would cost each push a walk of all streams.
+struct SyncStateCollector(XdsServer);
+
+impl std::fmt::Debug for SyncStateCollector {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("SyncStateCollector")
+    }
+}
+
+impl prometheus_client::collector::Collector for SyncStateCollector {
+    fn encode(
+        &self,
+        mut encoder: prometheus_client::encoding::DescriptorEncoder,
+    ) -> Result<(), std::fmt::Error> {
+        use prometheus_client::encoding::EncodeMetric;
+        use prometheus_client::metrics::TypedMetric;
+        let family: prometheus_client::metrics::family::Family<
+            crate::metrics::SyncLabels,
+            prometheus_client::metrics::gauge::Gauge,
+        > = Default::default();
+        for c in self.0.clients() {
+            for (type_url, t) in &c.types {
+                // Every state of a subscribed type has a series, zero included, so an alert on
+                // `{state="NACKED"} > 0` needs no `absent()`.
+                for s in SyncState::ALL {
+                    let g = family.get_or_create(&crate::metrics::SyncLabels {
+                        type_url: type_url.clone(),
+                        state: s.as_str(),
+                    });
+                    if s == t.state {
+                        g.inc();
+                    }
+                }
+            }
+        }
+        let metric = encoder.encode_descriptor(
+            "weft_xds_sync_state_streams",
+            "Connected streams per subscribed type URL by sync state: SYNCED (ACKed the current config), STALE (not yet sent or ACKed it), NACKED (rejects a resource of it)",
+            None,
+            prometheus_client::metrics::gauge::Gauge::<i64>::TYPE,
+        )?;
+        family.encode(metric)
     }
 }
 

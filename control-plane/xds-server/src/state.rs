@@ -110,6 +110,19 @@ pub enum SyncState {
     Nacked,
 }
 
+impl SyncState {
+    pub const ALL: [SyncState; 3] = [SyncState::Synced, SyncState::Stale, SyncState::Nacked];
+
+    /// The name `/debug/clients` uses, for metric labels.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SyncState::Synced => "SYNCED",
+            SyncState::Stale => "STALE",
+            SyncState::Nacked => "NACKED",
+        }
+    }
+}
+
 /// What `/debug/clients` shows per type.
 #[derive(Debug, Clone, Default, Serialize)]
 pub struct TypeStatus {

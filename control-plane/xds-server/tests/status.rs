@@ -30,6 +30,23 @@ fn state(h: &Harness, node: &str, type_url: &str) -> SyncState {
     c.types[type_url].state
 }
 
+/// `weft_xds_sync_state_streams` of the Cluster type, as (SYNCED, STALE, NACKED), each series
+/// required to exist (a missing one would read as 0).
+fn cluster_states(h: &Harness) -> (f64, f64, f64) {
+    let series = |state: &str| {
+        format!(r#"weft_xds_sync_state_streams{{type_url="{CLUSTER}",state="{state}"}}"#)
+    };
+    let text = h.metrics_text();
+    for st in ["SYNCED", "STALE", "NACKED"] {
+        assert!(text.contains(&series(st)), "no {st} series:\n{text}");
+    }
+    (
+        h.metric(&series("SYNCED")),
+        h.metric(&series("STALE")),
+        h.metric(&series("NACKED")),
+    )
+}
+
 fn matcher(p: MatchPattern) -> NodeMatcher {
     NodeMatcher {
         node_id: Some(StringMatcher {
@@ -86,6 +103,10 @@ async fn a_rejected_resource_is_tracked_reported_and_cleared() {
         state(&h, "envoy-1", CLUSTER) == SyncState::Stale
     })
     .await;
+    assert_eq!(
+        cluster_states(&h).1,
+        1.0 + f64::from(state(&h, "envoy-2", CLUSTER) == SyncState::Stale)
+    );
     d.send(DeltaDiscoveryRequest {
         type_url: CLUSTER.into(),
         response_nonce: r.nonce.clone(),
@@ -119,6 +140,7 @@ async fn a_rejected_resource_is_tracked_reported_and_cleared() {
     assert_eq!(rejected[0].name, "b");
     assert!(rejected[0].reason.contains("unknown lb policy"));
     assert_eq!(h.metric(GAUGE_B), 1.0);
+    assert_eq!(cluster_states(&h), (1.0, 0.0, 1.0));
     assert_eq!(
         h.metric(r#"weft_xds_resource_rejections_total{variant="delta",type_url="type.googleapis.com/envoy.config.cluster.v3.Cluster"}"#),
         1.0
@@ -209,6 +231,15 @@ async fn a_rejected_resource_is_tracked_reported_and_cleared() {
     })
     .await;
     assert_eq!(h.metric(GAUGE_B), 0.0, "the series is removed at zero");
+    // envoy-2 was sent b's fix too: STALE until it ACKs.
+    assert_eq!(cluster_states(&h), (1.0, 1.0, 0.0));
+    let sr = s.recv().await;
+    s.ack(&sr, &[]).await;
+    wait_until("envoy-2 SYNCED after the fix", || {
+        state(&h, "envoy-2", CLUSTER) == SyncState::Synced
+    })
+    .await;
+    assert_eq!(cluster_states(&h), (2.0, 0.0, 0.0));
     assert_eq!(h.server.nacks().len(), 1, "the log keeps what happened");
 }
 

@@ -162,11 +162,16 @@ impl Harness {
     }
 
     /// The value of one sample in the Prometheus text exposition, 0 if absent.
-    pub fn metric(&self, sample: &str) -> f64 {
+    pub fn metrics_text(&self) -> String {
         let mut text = String::new();
         prometheus_client::encoding::text::encode(&mut text, &self.registry.lock().unwrap())
             .unwrap();
-        text.lines()
+        text
+    }
+
+    pub fn metric(&self, sample: &str) -> f64 {
+        self.metrics_text()
+            .lines()
             .find_map(|l| l.strip_prefix(sample)?.strip_prefix(' ')?.parse().ok())
             .unwrap_or(0.0)
     }
